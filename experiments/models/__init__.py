@@ -1,0 +1,60 @@
+"""CIFAR-sized Flax linen models, built by name.
+
+Every model is called as ``model.apply(variables, x, train=...)`` on NHWC float images, keeps
+BatchNorm statistics in the ``'batch_stats'`` collection, has a ``dtype`` attribute for the
+compute dtype, and returns float32 logits.
+
+Examples:
+  >>> import jax, jax.numpy as jnp
+  >>> from experiments import models
+  >>> model = models.get_model('resnet18', num_classes=10)
+  >>> x = jnp.zeros((1, 32, 32, 3))
+  >>> variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  >>> sorted(variables)
+  ['batch_stats', 'params']
+  >>> sum(p.size for p in jax.tree.leaves(variables['params']))
+  11173962
+"""
+
+import flax.linen as nn
+
+from experiments.models import pyramidnet, resnet, wide_resnet
+
+# name -> (constructor, default keyword arguments); keyword arguments to get_model override.
+_REGISTRY = {
+    'resnet18': (resnet.ResNet18, {}),
+    'resnet34': (resnet.ResNet34, {}),
+    'wrn': (wide_resnet.WideResNet, {}),
+    'wrn28_10': (wide_resnet.WideResNet, {'depth': 28, 'widen_factor': 10}),
+    'wrn16_4': (wide_resnet.WideResNet, {'depth': 16, 'widen_factor': 4}),
+    'pyramidnet': (pyramidnet.PyramidNet, {}),
+    'pyramidnet110': (pyramidnet.PyramidNet, {'depth': 110, 'alpha': 270}),
+    'pyramidnet272': (pyramidnet.PyramidNet, {'depth': 272, 'alpha': 200, 'bottleneck': True}),
+}
+MODEL_NAMES = tuple(_REGISTRY)
+
+
+def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """Returns the model called ``name`` with ``num_classes`` outputs.
+
+    Args:
+      name: one of ``MODEL_NAMES``: ``'resnet18'``, ``'resnet34'`` (kwarg ``width``, default
+        64); ``'wrn'`` (kwargs ``depth`` = 28, ``widen_factor`` = 10), ``'wrn28_10'``,
+        ``'wrn16_4'`` (all WRNs: ``dropout_rate``, ``shortcut``, ``base_width``);
+        ``'pyramidnet'`` (kwargs ``depth`` = 110, ``alpha`` = 270, ``bottleneck``),
+        ``'pyramidnet110'`` (alpha 270), ``'pyramidnet272'`` (bottleneck, alpha 200) (all
+        PyramidNets: ``base_width``).
+      num_classes: number of output logits.
+      **kwargs: attributes of the model class, overriding the name's defaults; every model
+        accepts ``dtype`` (compute dtype, e.g. ``jnp.bfloat16``).
+
+    Returns:
+      An unbound ``flax.linen.Module``.
+
+    Raises:
+      ValueError: for an unknown ``name``.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}.')
+    constructor, defaults = _REGISTRY[name]
+    return constructor(num_classes=num_classes, **{**defaults, **kwargs})

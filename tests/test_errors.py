@@ -37,6 +37,8 @@ BAD_HYPERPARAMETERS = [
         r"lmbda=1.0 is invalid; expected a finite value in \[0, 1\)",
     ),
     (lambda: vasso_jax.sharpness_aware(0.1, direction='sam'), r"direction must be an optax"),
+    (lambda: vasso_jax.sam(rho=None), r"rho=None is invalid; pass a number"),
+    (lambda: vasso_jax.vasso(every_k=None), r"every_k=None is invalid"),
 ]
 
 

@@ -21,6 +21,11 @@ def concrete_float(value: Any) -> float | None:
         return None
 
 
+def _check_not_none(owner: str, name: str, value: Any) -> None:
+    if value is None:
+        raise ValueError(f'{owner}: {name}=None is invalid; pass a number, an array or a schedule.')
+
+
 def check_range(
     owner: str,
     name: str,
@@ -32,6 +37,7 @@ def check_range(
     high_open: bool = False,
 ) -> None:
     """Raises a one-line ``ValueError`` unless ``value`` lies in the interval."""
+    _check_not_none(owner, name, value)
     x = concrete_float(value)
     if x is None:
         return
@@ -49,6 +55,7 @@ def check_range(
 
 def check_positive_int(owner: str, name: str, value: Any) -> None:
     """Raises a one-line ``ValueError`` unless ``value`` is an integer >= 1."""
+    _check_not_none(owner, name, value)
     x = concrete_float(value)
     if x is None:
         return

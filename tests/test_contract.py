@@ -14,6 +14,7 @@ METHODS = {
     'asam': lambda **kw: vasso_jax.asam(rho=0.5, **kw),
     'fsam': lambda **kw: vasso_jax.friendly_sam(rho=0.1, **kw),
     'vasso_every2': lambda **kw: vasso_jax.vasso(rho=0.1, theta=0.4, every_k=2, **kw),
+    'sam_keep_perturbation': lambda **kw: vasso_jax.sam(rho=0.1, keep_perturbation=True, **kw),
     'sam_adaptive_schedule': lambda **kw: vasso_jax.sam(
         rho=optax.linear_schedule(0.0, 0.2, 4), adaptive=True, **kw
     ),
@@ -25,6 +26,7 @@ PARAMS_SIZED_BUFFERS = {
     'fsam': 1,
     'vasso_every2': 1,
     'sam_adaptive_schedule': 0,
+    'sam_keep_perturbation': 1,
 }
 
 methods = pytest.mark.parametrize('name', sorted(METHODS))

@@ -212,3 +212,15 @@ def test_diagnostics():
     np.testing.assert_allclose(
         optax.tree.get(state, 'cosine'), d @ g / np.linalg.norm(d) / 2.0, rtol=1e-6
     )
+
+
+def test_keep_perturbation_records_epsilon():
+    w = {'a': jnp.array([1.0, 2.0]), 'b': jnp.array([-1.0])}
+    g = {'a': jnp.array([3.0, 0.0]), 'b': jnp.array([4.0])}
+    tx = vasso_jax.sam(rho=0.5, keep_perturbation=True)
+    state = tx.init(w)
+    assert all(np.all(x == 0) for x in jax.tree.leaves(state.perturbation))
+    _, state = tx.update(g, state, w, grad_fn=lambda p: p)
+    np.testing.assert_allclose(state.perturbation['a'], [0.3, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(state.perturbation['b'], [0.4], rtol=1e-6)
+    assert vasso_jax.sam(rho=0.5).init(w).perturbation is None

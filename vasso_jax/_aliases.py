@@ -16,6 +16,7 @@ def sam(
     axis_name: Any | None = None,
     ascent: str = 'global',
     every_k: Any = 1,
+    keep_perturbation: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-Aware Minimisation (SAM) as the first link of an optax chain.
 
@@ -32,6 +33,8 @@ def sam(
       axis_name: data-parallel axis inside ``shard_map``/``pmap``.
       ascent: ``'global'`` or ``'per_device'`` (m-sharpness), with ``axis_name``.
       every_k: sharpness-aware gradient every k-th step, plain gradient otherwise.
+      keep_perturbation: keep the last perturbation in the state (see
+        :func:`vasso_jax.sharpness_aware`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call its ``update`` with
@@ -64,6 +67,7 @@ def sam(
         axis_name=axis_name,
         ascent=ascent,
         every_k=every_k,
+        keep_perturbation=keep_perturbation,
     )
 
 
@@ -77,6 +81,7 @@ def vasso(
     axis_name: Any | None = None,
     ascent: str = 'global',
     every_k: Any = 1,
+    keep_perturbation: bool = False,
     direction_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Variance-Suppressed Sharpness-Aware Optimisation (VaSSO).
@@ -102,6 +107,8 @@ def vasso(
       axis_name: data-parallel axis inside ``shard_map``/``pmap``.
       ascent: ``'global'`` or ``'per_device'`` (m-sharpness), with ``axis_name``.
       every_k: sharpness-aware gradient every k-th step, plain gradient otherwise.
+      keep_perturbation: keep the last perturbation in the state (see
+        :func:`vasso_jax.sharpness_aware`).
       direction_dtype: dtype of the stored ``d``; ``None`` keeps the params' dtype.
 
     Returns:
@@ -136,6 +143,7 @@ def vasso(
         axis_name=axis_name,
         ascent=ascent,
         every_k=every_k,
+        keep_perturbation=keep_perturbation,
     )
 
 
@@ -147,6 +155,7 @@ def asam(
     axis_name: Any | None = None,
     ascent: str = 'global',
     every_k: Any = 1,
+    keep_perturbation: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adaptive SAM (ASAM): SAM with a scale-invariant neighbourhood.
 
@@ -166,6 +175,8 @@ def asam(
       axis_name: data-parallel axis inside ``shard_map``/``pmap``.
       ascent: ``'global'`` or ``'per_device'``, with ``axis_name``.
       every_k: sharpness-aware gradient every k-th step, plain gradient otherwise.
+      keep_perturbation: keep the last perturbation in the state (see
+        :func:`vasso_jax.sharpness_aware`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with no params-sized state.
@@ -186,7 +197,14 @@ def asam(
       <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
     """
     return sam(
-        rho, adaptive=True, eta=eta, eps=eps, axis_name=axis_name, ascent=ascent, every_k=every_k
+        rho,
+        adaptive=True,
+        eta=eta,
+        eps=eps,
+        axis_name=axis_name,
+        ascent=ascent,
+        every_k=every_k,
+        keep_perturbation=keep_perturbation,
     )
 
 
@@ -201,6 +219,7 @@ def friendly_sam(
     axis_name: Any | None = None,
     ascent: str = 'global',
     every_k: Any = 1,
+    keep_perturbation: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Friendly-SAM (F-SAM): perturb along the batch-specific gradient component.
 
@@ -221,6 +240,8 @@ def friendly_sam(
       axis_name: data-parallel axis inside ``shard_map``/``pmap``.
       ascent: ``'global'`` or ``'per_device'``, with ``axis_name``.
       every_k: sharpness-aware gradient every k-th step, plain gradient otherwise.
+      keep_perturbation: keep the last perturbation in the state (see
+        :func:`vasso_jax.sharpness_aware`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` holding one params-sized buffer.
@@ -247,4 +268,5 @@ def friendly_sam(
         axis_name=axis_name,
         ascent=ascent,
         every_k=every_k,
+        keep_perturbation=keep_perturbation,
     )

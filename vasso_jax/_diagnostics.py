@@ -65,8 +65,7 @@ def _lanczos(matvec, v0, k, tol):
     basis = jnp.zeros((k, v0.size), jnp.float32).at[0].set(v0)
     zeros, zero = jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32)
     carry = (jnp.zeros((), jnp.int32), basis, zeros, zeros, zero, zero, jnp.array(False))
-    j, basis, alphas, betas, *_ = jax.lax.while_loop(
-        lambda c: (c[0] < k) & ~c[-1], body, carry)
+    j, basis, alphas, betas, *_ = jax.lax.while_loop(lambda c: (c[0] < k) & ~c[-1], body, carry)
     theta, s = _top_ritz(alphas, betas, j - 1)
     v = jnp.matmul(s, basis, precision=_HIGHEST)
     return theta, v / jnp.maximum(jnp.linalg.norm(v), 1e-30)
@@ -88,8 +87,13 @@ def _power(matvec, v0, k, tol):
 
 
 def hessian_top_eigenpair(
-    loss_fn: Callable[[Any], jax.Array], params: Any, *, num_iters: int = 20,
-    method: str = 'lanczos', key: jax.Array | None = None, tol: float = 0.0,
+    loss_fn: Callable[[Any], jax.Array],
+    params: Any,
+    *,
+    num_iters: int = 20,
+    method: str = 'lanczos',
+    key: jax.Array | None = None,
+    tol: float = 0.0,
 ) -> tuple[jax.Array, Any]:
     r"""Top Hessian eigenvalue and its unit eigenvector, from Hessian-vector products.
 
@@ -156,8 +160,13 @@ def hessian_top_eigenpair(
 
 
 def hessian_top_eigenvalue(
-    loss_fn: Callable[[Any], jax.Array], params: Any, *, num_iters: int = 20,
-    method: str = 'lanczos', key: jax.Array | None = None, tol: float = 0.0,
+    loss_fn: Callable[[Any], jax.Array],
+    params: Any,
+    *,
+    num_iters: int = 20,
+    method: str = 'lanczos',
+    key: jax.Array | None = None,
+    tol: float = 0.0,
 ) -> jax.Array:
     r"""Top Hessian eigenvalue of ``loss_fn`` at ``params`` (float32 scalar).
 
@@ -172,8 +181,9 @@ def hessian_top_eigenvalue(
       >>> print(round(float(vasso_jax.hessian_top_eigenvalue(loss_fn, jnp.ones(3))), 3))
       4.0
     """
-    return hessian_top_eigenpair(loss_fn, params, num_iters=num_iters, method=method,
-                                 key=key, tol=tol)[0]
+    return hessian_top_eigenpair(
+        loss_fn, params, num_iters=num_iters, method=method, key=key, tol=tol
+    )[0]
 
 
 def cosine_similarity(tree_a: Any, tree_b: Any, eps: float = 1e-12) -> jax.Array:
@@ -199,6 +209,7 @@ def cosine_similarity(tree_a: Any, tree_b: Any, eps: float = 1e-12) -> jax.Array
 
 class PerturbationStabilityState(NamedTuple):
     """State of :func:`perturbation_stability`; trees are float32 and params-sized."""
+
     count: jax.Array  # int32: number of perturbations seen, t.
     prev_direction: Any  # eps_t / ||eps_t|| (zeros before the first update).
     mean_cosine: jax.Array  # mean of cos(eps_s, eps_{s-1}) over s = 2..t.
@@ -208,9 +219,11 @@ class PerturbationStabilityState(NamedTuple):
 
 class PerturbationStability(NamedTuple):
     """An optax-style ``(init, update)`` pair of pure functions."""
+
     init: Callable[[Any], PerturbationStabilityState]
-    update: Callable[[Any, PerturbationStabilityState],
-                     tuple[dict[str, jax.Array], PerturbationStabilityState]]
+    update: Callable[
+        [Any, PerturbationStabilityState], tuple[dict[str, jax.Array], PerturbationStabilityState]
+    ]
 
 
 def perturbation_stability(eps: float = 1e-12) -> PerturbationStability:
@@ -252,16 +265,20 @@ def perturbation_stability(eps: float = 1e-12) -> PerturbationStability:
 
     def init_fn(params):
         zeros = optax.tree.zeros_like(optax.tree.cast(params, jnp.float32))
-        return PerturbationStabilityState(jnp.zeros((), jnp.int32), zeros,
-                                          jnp.zeros((), jnp.float32), zeros, zeros)
+        return PerturbationStabilityState(
+            jnp.zeros((), jnp.int32), zeros, jnp.zeros((), jnp.float32), zeros, zeros
+        )
 
     def update_fn(perturbation, state):
         x = optax.tree.cast(perturbation, jnp.float32)
         count = state.count + 1
         n = count.astype(jnp.float32)
         cosine = cosine_similarity(x, state.prev_direction, eps)
-        mean_cosine = jnp.where(count > 1, state.mean_cosine + (cosine - state.mean_cosine)
-                                / jnp.maximum(n - 1.0, 1.0), 0.0)
+        mean_cosine = jnp.where(
+            count > 1,
+            state.mean_cosine + (cosine - state.mean_cosine) / jnp.maximum(n - 1.0, 1.0),
+            0.0,
+        )
         delta = optax.tree.sub(x, state.mean)
         mean = jax.tree.map(lambda m, d: m + d / n, state.mean, delta)
         m2 = jax.tree.map(lambda s, d, xi, m: s + d * (xi - m), state.m2, delta, x, mean)
@@ -275,8 +292,14 @@ def perturbation_stability(eps: float = 1e-12) -> PerturbationStability:
 
 
 def m_sharpness(
-    loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any, *, rho: float, m: int,
-    eps: float = 1e-12, groups_per_step: int | None = None,
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batch: Any,
+    *,
+    rho: float,
+    m: int,
+    eps: float = 1e-12,
+    groups_per_step: int | None = None,
 ) -> jax.Array:
     r"""First-order m-sharpness: mean SAM loss increase over groups of ``m`` examples.
 

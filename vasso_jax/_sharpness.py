@@ -21,6 +21,8 @@ class SharpnessAwareState(NamedTuple):
       grad_norm: float32 ``||g_t||`` of the last minibatch gradient at ``w``.
       direction_norm: float32 ``||d_t||`` of the last ascent direction.
       cosine: float32 ``cos(g_t, d_t)``; 1 for SAM, below 1 when VaSSO smooths.
+      perturbation: the last ``epsilon_t`` (float32, params-shaped) when the link was built
+        with ``keep_perturbation=True``, else ``None``: for adversary-stability studies.
     """
 
     count: jax.Array
@@ -28,11 +30,16 @@ class SharpnessAwareState(NamedTuple):
     grad_norm: jax.Array
     direction_norm: jax.Array
     cosine: jax.Array
+    perturbation: optax.Updates | None = None
 
 
 def _sum_squares(tree) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0.0))
+
+
+def _zeros_f32(tree):
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
 
 
 def _dot(a, b) -> jax.Array:
@@ -62,6 +69,7 @@ def sharpness_aware(
     axis_name: Any | None = None,
     ascent: str = 'global',
     every_k: Any = 1,
+    keep_perturbation: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-aware gradient: the gradient at the adversarially perturbed weights.
 
@@ -104,6 +112,10 @@ def sharpness_aware(
       every_k: take the sharpness-aware gradient on every k-th step (steps 0, k,
         2k, ...) and the plain gradient otherwise; off-steps skip the second
         pass (``lax.cond``) but the adversary's state still updates.
+      keep_perturbation: also keep the last perturbation ``epsilon_t`` in the state (one
+        float32 params-sized buffer), e.g. to feed
+        :func:`vasso_jax.perturbation_stability`. On ``every_k`` off-steps it is the
+        perturbation the adversary points at, though no second pass used it.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -152,6 +164,7 @@ def sharpness_aware(
             grad_norm=zero,
             direction_norm=zero,
             cosine=zero,
+            perturbation=_zeros_f32(params) if keep_perturbation else None,
         )
 
     def perturbation(d, params, radius):
@@ -220,6 +233,7 @@ def sharpness_aware(
             grad_norm=grad_norm,
             direction_norm=direction_norm,
             cosine=cosine,
+            perturbation=perturbation(d, params, radius) if keep_perturbation else None,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -184,6 +184,26 @@ def check_per_device_ascent(mesh):
         raise AssertionError('per-device ascent without per-device gradients must raise')
 
 
+def check_per_device_vasso_state_is_replicated(mesh):
+    # The adversary's state is averaged over devices: d_1 = mean of per-device gradients.
+    params, x, y = data()
+    link = vasso_jax.vasso(RHO, 0.4, axis_name='d', ascent='per_device')
+    xs = jax.device_put(x, NamedSharding(mesh, P('d')))
+    ys = jax.device_put(y, NamedSharding(mesh, P('d')))
+    ps = jax.device_put(params, NamedSharding(mesh, P()))
+
+    def local(params, x, y):
+        gf = lambda p: jax.grad(loss)(vasso_jax.device_varying(p, 'd'), x, y)
+        return link.update(gf(params), link.init(params), params, grad_fn=gf)
+
+    step = jax.jit(
+        jax.shard_map(local, mesh=mesh, in_specs=(P(), P('d'), P('d')), out_specs=(P(), P()))
+    )
+    g, state = step(ps, xs, ys)
+    close(g, per_shard_reference(params, x, y))  # step 1: VaSSO's d_1 = g_1, as SAM
+    close(optax.tree.get(state, 'd'), jax.grad(loss)(params, x, y))
+
+
 def main():
     assert len(jax.devices()) == N_DEV, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ('d',))

@@ -38,6 +38,10 @@ def _sum_squares(tree) -> jax.Array:
     return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0.0))
 
 
+def _mean_if_float(mean):
+    return lambda x: mean(x) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
 def _zeros_f32(tree):
     return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
 
@@ -106,14 +110,17 @@ def sharpness_aware(
         under ``jax.jit`` with sharded arrays, where everything is global.
       ascent: with ``axis_name``: ``'global'`` perturbs all devices by the
         averaged gradient (identical to one device on the whole batch);
-        ``'per_device'`` perturbs each device by its own gradient (m-sharpness
-        with m = per-device batch, as in the SAM authors' code). Then the
-        adversary's state is per device too.
+        ``'per_device'`` perturbs each device by its own direction (m-sharpness
+        with m = per-device batch, as in the SAM authors' code). The adversary's
+        state is then averaged over the axis after each step, so it stays
+        replicated: VaSSO's ``d_t = (1-theta) d_{t-1} + theta mean(g)`` while
+        device ``j`` perturbs along ``(1-theta) d_{t-1} + theta g_j``. The axis
+        may also be a ``jax.vmap`` axis over groups of examples.
       every_k: take the sharpness-aware gradient on every k-th step (steps 0, k,
         2k, ...) and the plain gradient otherwise; off-steps skip the second
         pass (``lax.cond``) but the adversary's state still updates.
       keep_perturbation: also keep the last perturbation ``epsilon_t`` in the state (one
-        float32 params-sized buffer), e.g. to feed
+        float32 params-sized buffer; its mean over devices with ``'per_device'``), e.g. to feed
         :func:`vasso_jax.perturbation_stability`. On ``every_k`` off-steps it is the
         perturbation the adversary points at, though no second pass used it.
 
@@ -194,6 +201,8 @@ def sharpness_aware(
         mean = (lambda t: _parallel.axis_mean(t, axis_name)) if axis_name else (lambda t: t)
         g = updates if per_device else mean(updates)
         d, direction_state = direction.update(g, state.direction_state, params)
+        if per_device:
+            direction_state = jax.tree.map(_mean_if_float(mean), direction_state)
 
         radius = rho(state.count) if callable(rho) else rho
 
@@ -225,15 +234,18 @@ def sharpness_aware(
         grad_norm, direction_norm = jnp.sqrt(g_sq), jnp.sqrt(d_sq)
         denom = grad_norm * direction_norm
         cosine = jnp.where(denom > 0, _dot(g, d) / jnp.where(denom > 0, denom, 1.0), 0.0)
+        kept = perturbation(d, params, radius) if keep_perturbation else None
         if per_device:
-            grad_norm, direction_norm, cosine = mean((grad_norm, direction_norm, cosine))
+            grad_norm, direction_norm, cosine, kept = mean(
+                (grad_norm, direction_norm, cosine, kept)
+            )
         return new_updates, SharpnessAwareState(
             count=optax.safe_increment(state.count),
             direction_state=direction_state,
             grad_norm=grad_norm,
             direction_norm=direction_norm,
             cosine=cosine,
-            perturbation=perturbation(d, params, radius) if keep_perturbation else None,
+            perturbation=kept,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,255 @@
+"""The training loop: data on device, jitted steps, evaluation, checkpoints, metrics, summary.
+
+``train_and_evaluate(config, workdir)`` is the whole run behind ``python -m experiments.train``
+and the demo. Started on a workdir that holds a checkpoint, it resumes from it; started on a
+finished one, it only rewrites ``summary.json``.
+
+The host synchronises only at log, evaluation and checkpoint steps: between them it just
+enqueues jitted steps (the epoch's permutation is computed on device too).
+"""
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+
+from experiments import checkpointing, data, metrics, models, trainer
+from experiments.data import augment as augment_lib
+from experiments.data import noise as noise_lib
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+    """``config.model_kwargs`` as a dict, with a ``dtype`` string turned into a dtype."""
+    kwargs = dict(config.model_kwargs)
+    if isinstance(kwargs.get('dtype'), str):
+        kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+    return kwargs
+
+
+def load_data(config: ml_collections.ConfigDict):
+    """The dataset of ``config`` (raises ``data.DatasetNotFoundError`` when not prepared).
+
+    TFDS's own warnings while it looks for the files are muted: when the data is missing,
+    the error's one line says what to do, and those warnings only bury it.
+    """
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(min(verbosity, logging.ERROR))
+    try:
+        return data.load_dataset(
+            config.dataset, data_dir=config.data_dir, validation_size=config.validation_size,
+            label_noise=config.label_noise, noise_type=config.noise_type,
+            noise_seed=config.noise_seed)
+    except data.DatasetNotFoundError:
+        raise
+    except ValueError as e:  # load_dataset's argument checks: a bad config value
+        raise trainer.ConfigError(str(e)) from e
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def make_model(config: ml_collections.ConfigDict, num_classes: int):
+    """``config.model`` with ``config.model_kwargs``; a bad name or kwarg is a ConfigError."""
+    try:
+        return models.get_model(config.model, num_classes, **model_kwargs(config))
+    except (ValueError, TypeError) as e:  # unknown name / unexpected keyword argument
+        raise trainer.ConfigError(f'{e} (check --config.model and --config.model_kwargs)') from e
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes ``config.json``; warns when a resumed workdir was started with another config."""
+    path = os.path.join(workdir, 'config.json')
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        new = json.loads(text)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            logging.warning('Workdir %s was started with a different config (%s).', workdir,
+                            ', '.join(changed))
+    with open(path, 'w') as f:
+        f.write(text + '\n')
+
+
+def save_noise_audit(workdir: str, dataset) -> None:
+    """Saves which training labels were corrupted (``label_noise.npz``), if any were."""
+    flipped = dataset.flipped_indices
+    if flipped.size:
+        noise_lib.save_noise_audit(os.path.join(workdir, 'label_noise.npz'),
+                                   dataset.train_true_labels, dataset.train_labels, flipped)
+
+
+def _eval_record(prefix: str, sums) -> dict:
+    sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+    count = max(sums['count'], 1.0)
+    record = {f'{prefix}_loss': sums['loss'] / count, f'{prefix}_accuracy': sums['correct'] / count}
+    if prefix == 'train_eval':  # the un-augmented train split, against noisy and true labels
+        record['train_eval_true_accuracy'] = sums['correct_true'] / count
+    return record
+
+
+def _median_throughput(history) -> float | None:
+    """Median images/s over the log intervals, the first (which includes compiling) left out."""
+    values = [r['images_per_sec'] for r in history if 'images_per_sec' in r]
+    return float(np.median(values[1:] or values)) if values else None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: int | None = None) -> dict:
+    """Trains and evaluates as ``config`` says, in ``workdir``; returns the summary.
+
+    Args:
+      config: a configuration like ``experiments/configs/default.py``'s.
+      workdir: output folder; a checkpoint in it is resumed.
+      stop_at_step: stop (checkpointed) at this step as if preempted; the schedule still
+        spans the full run. For tests of resumption and for time-sliced jobs.
+
+    Returns:
+      The dict written to ``summary.json``.
+    """
+    trainer.validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    dataset = load_data(config)
+
+    num_train = len(dataset.train_labels)
+    epoch_steps = trainer.steps_per_epoch(num_train, config.batch_size)
+    num_steps = trainer.total_steps(config, epoch_steps)
+    end_step = num_steps if stop_at_step is None else min(stop_at_step, num_steps)
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else epoch_steps
+
+    model = make_model(config, dataset.num_classes)
+    schedule = trainer.make_schedule(config, num_steps, epoch_steps)
+    tx = trainer.make_optimizer(config, schedule)
+    init_key, data_key, augment_key = trainer.split_keys(config.seed)
+    state = trainer.create_train_state(model, tx, image_shape=dataset.train_images.shape[1:],
+                                       init_key=init_key, augment_key=augment_key)
+    diagnostics = trainer.link_diagnostics(state.opt_state)
+
+    augment_fn = functools.partial(
+        augment_lib.augment, mean=dataset.mean, std=dataset.std,
+        crop_padding=config.crop_padding, flip=config.flip, cutout_size=config.cutout_size,
+        cutout_prob=config.cutout_prob)
+    normalize_fn = functools.partial(augment_lib.normalize, mean=dataset.mean, std=dataset.std)
+    train_step = jax.jit(trainer.make_train_step(
+        model, tx, augment_fn, num_classes=dataset.num_classes, batch_size=config.batch_size,
+        epoch_steps=epoch_steps, label_smoothing=config.label_smoothing,
+        diagnostics=diagnostics), donate_argnums=(0, 1))
+    permutation = jax.jit(trainer.epoch_permutation, static_argnums=2)
+    eval_step = trainer.make_eval_step(model, normalize_fn, dataset.num_classes)
+
+    train_split, eval_splits = device_splits(dataset, config)
+    eval_name = dataset.eval_split  # 'test', or 'validation' held out of train
+
+    manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+    state = checkpointing.restore_latest(manager, state)
+    start_step = int(state.step)
+    save_config(workdir, config)
+    save_noise_audit(workdir, dataset)
+    if start_step:
+        logging.info('Resuming from step %d in %s.', start_step, workdir)
+    writer = metrics.MetricWriter(workdir, start_step=start_step)
+    elapsed_before = metrics.last(writer.history, 'elapsed_s', 0.0)
+
+    def evaluate_all(step):
+        record = {'epoch': step / epoch_steps}
+        for name, split in eval_splits.items():
+            sums = trainer.evaluate(eval_step, state.params, state.batch_stats, split)
+            record.update(_eval_record(name, sums))
+        record['elapsed_s'] = elapsed_before + time.time() - start_time
+        return writer.write(step, record)
+
+    bar = tqdm.tqdm(total=num_steps, initial=start_step, unit='step', dynamic_ncols=True,
+                    disable=not config.progress_bar, desc=f'{config.optimizer}')
+    start_time = last_log_time = time.time()
+    last_log_step, perm_epoch, perm = start_step, None, None
+    sums = trainer.zero_metrics(diagnostics)
+    postfix = {}
+    for step in range(start_step, end_step):
+        epoch = step // epoch_steps
+        if epoch != perm_epoch:
+            perm, perm_epoch = permutation(data_key, epoch, num_train), epoch
+        state, sums = train_step(state, sums, train_split, perm)
+        done = step + 1
+        checkpoint_due = done % config.checkpoint_every_steps == 0 or done == end_step
+        if done % config.log_every_steps == 0 or checkpoint_due:
+            record = trainer.summarize_train_metrics(jax.device_get(sums))
+            sums = trainer.zero_metrics(diagnostics)
+            now = time.time()
+            images_per_sec = (done - last_log_step) * config.batch_size / (now - last_log_time)
+            last_log_step, last_log_time = done, now
+            record.update(learning_rate=float(schedule(step)), epoch=done / epoch_steps,
+                          images_per_sec=images_per_sec,
+                          elapsed_s=elapsed_before + now - start_time)
+            writer.write(done, record)
+            postfix.update(loss=f'{record["train_loss"]:.3f}',
+                           acc=f'{record["train_accuracy"]:.3f}', img_s=f'{images_per_sec:.0f}')
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(done - bar.n)
+        if done % eval_every == 0 or done == num_steps:
+            record = evaluate_all(done)
+            last_log_time = time.time()  # throughput counts training only
+            postfix[eval_name] = f'{record[f"{eval_name}_accuracy"]:.3f}'
+            bar.set_postfix(postfix)
+        if checkpoint_due:
+            writer.flush()
+            checkpointing.save(manager, state)
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+
+    summary = make_summary(config, state, writer.history, eval_name, num_steps)
+    metrics.write_summary(workdir, summary)
+    return summary
+
+
+def device_splits(dataset, config) -> tuple[trainer.Split, dict[str, list]]:
+    """The whole train split on device, and the evaluation splits as padded device batches.
+
+    Evaluation always covers the held-out split (named ``dataset.eval_split``) and, with
+    ``config.eval_train``, the un-augmented train split (``'train_eval'``), scored against
+    both the labels trained on and the true labels.
+    """
+    train = jax.device_put(trainer.Split(dataset.train_images,
+                                         dataset.train_labels.astype(np.int32),
+                                         dataset.train_true_labels.astype(np.int32)))
+    evals = {dataset.eval_split: jax.device_put(trainer.batch_for_eval(
+        dataset.test_images, dataset.test_labels, dataset.test_labels,
+        config.eval_batch_size))}
+    if config.eval_train:
+        evals['train_eval'] = jax.device_put(trainer.batch_for_eval(
+            dataset.train_images, dataset.train_labels, dataset.train_true_labels,
+            config.eval_batch_size))
+    return train, evals
+
+
+def make_summary(config, state, history: list[dict], eval_name: str, num_steps: int) -> dict:
+    """``summary.json``: final and best accuracy from the (resume-proof) history, checksum."""
+    summary = {
+        'dataset': config.dataset, 'model': config.model, 'optimizer': config.optimizer,
+        'label_noise': config.label_noise, 'seed': config.seed,
+        'steps': int(state.step), 'total_steps': num_steps,
+        'completed': int(state.step) >= num_steps,
+        'eval_split': eval_name,
+        'final_test_accuracy': metrics.last(history, f'{eval_name}_accuracy'),
+        'best_test_accuracy': metrics.best(history, f'{eval_name}_accuracy'),
+        'final_test_loss': metrics.last(history, f'{eval_name}_loss'),
+        'final_train_loss': metrics.last(history, 'train_loss'),
+        'final_train_accuracy': metrics.last(history, 'train_accuracy'),
+        'final_train_true_accuracy': metrics.last(history, 'train_true_accuracy'),
+        'wall_time_s': metrics.last(history, 'elapsed_s', 0.0),
+        'images_per_sec': _median_throughput(history),
+        'params_checksum': trainer.params_checksum(state.params),
+    }
+    if config.eval_train:
+        summary['final_train_eval_accuracy'] = metrics.last(history, 'train_eval_accuracy')
+        summary['final_train_eval_true_accuracy'] = metrics.last(history,
+                                                                 'train_eval_true_accuracy')
+    return summary

@@ -1,0 +1,29 @@
+"""The demo's code path in a reduced form: one epoch each of SGD, SAM and VaSSO on digits."""
+
+import os
+
+import pytest
+
+from experiments import demo
+
+
+def test_demo_config_goes_through_the_cifar_trainer():
+    config = demo.demo_config('sam', num_epochs=1, progress_bar=False)
+    assert (config.optimizer, config.num_epochs, config.dataset) == ('sam', 1, 'digits')
+    assert config.label_noise == 0.4
+
+
+@pytest.mark.slow
+def test_demo_one_epoch(tmp_path):
+    workdir = str(tmp_path)
+    summaries = demo.run_demo(workdir, num_epochs=1, progress_bar=False)
+    assert list(summaries) == list(demo.OPTIMIZERS)
+    for name, summary in summaries.items():
+        assert summary['optimizer'] == name and summary['completed']
+        assert 0.0 <= summary['final_train_eval_accuracy'] <= 1.0
+        assert 0.0 <= summary['final_train_eval_true_accuracy'] <= 1.0
+        assert os.path.exists(os.path.join(workdir, name, 'summary.json'))
+    table = demo.format_table(summaries)
+    assert all(name in table for name in demo.OPTIMIZERS) and '(noisy)' in table
+    path = demo.plot(workdir)
+    assert path == os.path.join(workdir, 'test_accuracy.png') and os.path.getsize(path) > 1000

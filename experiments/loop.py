@@ -9,7 +9,6 @@ enqueues jitted steps (the epoch's permutation is computed on device too).
 """
 
 import functools
-import json
 import os
 import time
 
@@ -20,7 +19,18 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from experiments import checkpointing, data, metrics, models, trainer
+from experiments import (
+    checkpointing,
+    data,
+    distributed,
+    metrics,
+    models,
+    nonfinite,
+    preemption,
+    trainer,
+    validation,
+)
+from experiments import workdir as workdir_lib
 from experiments.data import augment as augment_lib
 from experiments.data import noise as noise_lib
 
@@ -62,22 +72,6 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int):
         raise trainer.ConfigError(f'{e} (check --config.model and --config.model_kwargs)') from e
 
 
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes ``config.json``; warns when a resumed workdir was started with another config."""
-    path = os.path.join(workdir, 'config.json')
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        new = json.loads(text)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
-            logging.warning('Workdir %s was started with a different config (%s).', workdir,
-                            ', '.join(changed))
-    with open(path, 'w') as f:
-        f.write(text + '\n')
-
-
 def save_noise_audit(workdir: str, dataset) -> None:
     """Saves which training labels were corrupted (``label_noise.npz``), if any were."""
     flipped = dataset.flipped_indices
@@ -102,24 +96,59 @@ def _median_throughput(history) -> float | None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at_step: int | None = None) -> dict:
+                       stop_at_step: int | None = None,
+                       allow_config_change: bool = False) -> dict:
     """Trains and evaluates as ``config`` says, in ``workdir``; returns the summary.
+
+    The config is validated before anything is loaded, written or compiled. The workdir is
+    locked for the run (a second live run on it is refused) and must have been started with
+    the same config, up to ``workdir.EXEMPT_KEYS``. SIGTERM / SIGINT checkpoint and stop.
 
     Args:
       config: a configuration like ``experiments/configs/default.py``'s.
       workdir: output folder; a checkpoint in it is resumed.
       stop_at_step: stop (checkpointed) at this step as if preempted; the schedule still
         spans the full run. For tests of resumption and for time-sliced jobs.
+      allow_config_change: continue a workdir started with another config.
 
     Returns:
       The dict written to ``summary.json``.
+
+    Raises:
+      trainer.ConfigError: an invalid config value.
+      workdir.WorkdirError: the workdir is held by another run or has another config.
+      checkpointing.CheckpointMismatchError: its checkpoints do not fit, or none is readable.
+      nonfinite.NonFiniteError: a non-finite loss, gradient or state; nothing was saved of it.
+      preemption.Preempted: a signal stopped the run after checkpointing it.
     """
-    trainer.validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    validation.validate_config(config)
+    if stop_at_step is not None and stop_at_step < 1:
+        raise ValueError(f'stop_at_step must be None or an int >= 1, got {stop_at_step!r}.')
+    workdir_lib.create(workdir)
+    with workdir_lib.lock(workdir, enabled=distributed.is_main_process()), \
+            preemption.Guard(sync_every=config.log_every_steps) as stop:
+        workdir_lib.check_config(workdir, config, allow_change=allow_config_change)
+        summary = _train_and_evaluate(config, workdir, stop_at_step=stop_at_step, stop=stop)
+    if stop.stopped and not summary['completed']:
+        raise preemption.Preempted(summary['steps'], stop.signal_name or 'another process')
+    return summary
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                        stop_at_step: int | None, stop: preemption.Guard) -> dict:
+    """The run itself, inside the workdir lock and the preemption guard."""
     dataset = load_data(config)
 
-    num_train = len(dataset.train_labels)
-    epoch_steps = trainer.steps_per_epoch(num_train, config.batch_size)
+    # Data parallelism: one data shard per device of the mesh; params replicated.
+    mesh = distributed.make_mesh()
+    num_shards = mesh.size
+    if config.batch_size % num_shards:
+        raise trainer.ConfigError(
+            f'--config.batch_size={config.batch_size} must divide by the {num_shards} devices; '
+            f'use a multiple of {num_shards}.')
+    shard_size = len(dataset.train_labels) // num_shards
+    epoch_steps = trainer.steps_per_epoch(shard_size * num_shards, config.batch_size)
+    main_process = distributed.is_main_process()
     num_steps = trainer.total_steps(config, epoch_steps)
     end_step = num_steps if stop_at_step is None else min(stop_at_step, num_steps)
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else epoch_steps
@@ -137,24 +166,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         crop_padding=config.crop_padding, flip=config.flip, cutout_size=config.cutout_size,
         cutout_prob=config.cutout_prob)
     normalize_fn = functools.partial(augment_lib.normalize, mean=dataset.mean, std=dataset.std)
-    train_step = jax.jit(trainer.make_train_step(
+    replicated, sharded = distributed.replicated(mesh), distributed.sharded(mesh)
+    state = distributed.put(state, replicated)
+    train_step = jax.jit(nonfinite.guard(trainer.make_train_step(
         model, tx, augment_fn, num_classes=dataset.num_classes, batch_size=config.batch_size,
         epoch_steps=epoch_steps, label_smoothing=config.label_smoothing,
-        diagnostics=diagnostics), donate_argnums=(0, 1))
-    permutation = jax.jit(trainer.epoch_permutation, static_argnums=2)
+        diagnostics=diagnostics, ascent_group_size=config.ascent_group_size)),
+        in_shardings=(replicated, replicated, sharded, sharded),
+        out_shardings=(replicated, replicated), donate_argnums=(0, 1))
+    permutation = jax.jit(functools.partial(trainer.epoch_permutation, num_shards=num_shards,
+                                            shard_size=shard_size), out_shardings=sharded)
     eval_step = trainer.make_eval_step(model, normalize_fn, dataset.num_classes)
 
-    train_split, eval_splits = device_splits(dataset, config)
+    train_split, eval_splits = device_splits(dataset, config, mesh)
     eval_name = dataset.eval_split  # 'test', or 'validation' held out of train
 
     manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
     state = checkpointing.restore_latest(manager, state)
     start_step = int(state.step)
-    save_config(workdir, config)
-    save_noise_audit(workdir, dataset)
+    if main_process:  # one writer per run; every process saves its part of checkpoints
+        workdir_lib.save_config(workdir, config)
+        save_noise_audit(workdir, dataset)
     if start_step:
         logging.info('Resuming from step %d in %s.', start_step, workdir)
-    writer = metrics.MetricWriter(workdir, start_step=start_step)
+    writer = metrics.MetricWriter(workdir, start_step=start_step, write_files=main_process)
     elapsed_before = metrics.last(writer.history, 'elapsed_s', 0.0)
 
     def evaluate_all(step):
@@ -169,18 +204,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     disable=not config.progress_bar, desc=f'{config.optimizer}')
     start_time = last_log_time = time.time()
     last_log_step, perm_epoch, perm = start_step, None, None
-    sums = trainer.zero_metrics(diagnostics)
+    sums = nonfinite.with_status(trainer.zero_metrics(diagnostics))
     postfix = {}
     for step in range(start_step, end_step):
         epoch = step // epoch_steps
         if epoch != perm_epoch:
-            perm, perm_epoch = permutation(data_key, epoch, num_train), epoch
+            perm, perm_epoch = permutation(data_key, epoch), epoch
         state, sums = train_step(state, sums, train_split, perm)
         done = step + 1
-        checkpoint_due = done % config.checkpoint_every_steps == 0 or done == end_step
+        preempted = stop.should_stop(done)
+        checkpoint_due = (done % config.checkpoint_every_steps == 0 or done == end_step
+                          or preempted)
         if done % config.log_every_steps == 0 or checkpoint_due:
-            record = trainer.summarize_train_metrics(jax.device_get(sums))
-            sums = trainer.zero_metrics(diagnostics)
+            fetched = jax.device_get(sums)
+            nonfinite.check(fetched, manager)  # before any save: a bad state is never kept
+            record = trainer.summarize_train_metrics(nonfinite.strip(fetched))
+            sums = nonfinite.with_status(trainer.zero_metrics(diagnostics))
             now = time.time()
             images_per_sec = (done - last_log_step) * config.batch_size / (now - last_log_time)
             last_log_step, last_log_time = done, now
@@ -200,31 +239,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if checkpoint_due:
             writer.flush()
             checkpointing.save(manager, state)
+        if preempted:
+            break
     bar.close()
     manager.wait_until_finished()
     manager.close()
     writer.close()
 
     summary = make_summary(config, state, writer.history, eval_name, num_steps)
-    metrics.write_summary(workdir, summary)
+    if main_process:
+        metrics.write_summary(workdir, summary)
     return summary
 
 
-def device_splits(dataset, config) -> tuple[trainer.Split, dict[str, list]]:
-    """The whole train split on device, and the evaluation splits as padded device batches.
+def device_splits(dataset, config, mesh) -> tuple[trainer.Split, dict[str, list]]:
+    """The whole train split on the devices, and the evaluation splits as padded batches.
 
-    Evaluation always covers the held-out split (named ``dataset.eval_split``) and, with
-    ``config.eval_train``, the un-augmented train split (``'train_eval'``), scored against
-    both the labels trained on and the true labels.
+    The train split is laid out as one strided shard per device (each device, and so each
+    process, places only its own shards). Evaluation batches are split over the devices
+    when the batch size allows, else replicated. Evaluation always covers the held-out split
+    (named ``dataset.eval_split``) and, with ``config.eval_train``, the un-augmented train
+    split (``'train_eval'``), scored against the labels trained on and the true labels.
     """
-    train = jax.device_put(trainer.Split(dataset.train_images,
-                                         dataset.train_labels.astype(np.int32),
-                                         dataset.train_true_labels.astype(np.int32)))
-    evals = {dataset.eval_split: jax.device_put(trainer.batch_for_eval(
+    train = distributed.put(trainer.shard_split(
+        dataset.train_images, dataset.train_labels, dataset.train_true_labels, mesh.size),
+        distributed.sharded(mesh))
+
+    def place(batches):
+        sharding = (distributed.sharded(mesh) if len(batches[0].labels) % mesh.size == 0
+                    else distributed.replicated(mesh))
+        return [distributed.put(batch, sharding) for batch in batches]
+
+    evals = {dataset.eval_split: place(trainer.batch_for_eval(
         dataset.test_images, dataset.test_labels, dataset.test_labels,
         config.eval_batch_size))}
     if config.eval_train:
-        evals['train_eval'] = jax.device_put(trainer.batch_for_eval(
+        evals['train_eval'] = place(trainer.batch_for_eval(
             dataset.train_images, dataset.train_labels, dataset.train_true_labels,
             config.eval_batch_size))
     return train, evals

@@ -49,29 +49,37 @@ class MetricWriter:
     tells TensorBoard to purge later events, so a resumed run never shows stale points.
     """
 
-    def __init__(self, workdir: str, *, start_step: int = 0):
+    def __init__(self, workdir: str, *, start_step: int = 0, write_files: bool = True):
+        # write_files=False (processes other than 0 of a multi-process run): keep the
+        # history in memory only, so exactly one process writes the workdir's metrics.
         self.path = os.path.join(workdir, METRICS_FILE)
         self.history = read_history(workdir, up_to_step=start_step)
-        with open(self.path, 'w') as f:
-            f.writelines(json.dumps(r) + '\n' for r in self.history)
-        self._tb = tensorboardX.SummaryWriter(
-            os.path.join(workdir, 'tensorboard'), purge_step=start_step or None)
+        self._tb = None
+        if write_files:
+            with open(self.path, 'w') as f:
+                f.writelines(json.dumps(r) + '\n' for r in self.history)
+            self._tb = tensorboardX.SummaryWriter(
+                os.path.join(workdir, 'tensorboard'), purge_step=start_step or None)
 
     def write(self, step: int, scalars: dict) -> dict:
         record = {'step': int(step), **{k: _json_number(v) for k, v in scalars.items()}}
+        self.history.append(record)
+        if self._tb is None:
+            return record
         with open(self.path, 'a') as f:
             f.write(json.dumps(record) + '\n')
         for key, value in scalars.items():
             if isinstance(value, (int, float)) and key not in ('epoch',):
                 self._tb.add_scalar(key, value, step)
-        self.history.append(record)
         return record
 
     def flush(self) -> None:
-        self._tb.flush()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
-        self._tb.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def last(history: Iterable[dict], key: str, default=None):

@@ -14,12 +14,34 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import checkpointing, data, loop, metrics, trainer
+from experiments import (
+    checkpointing,
+    cli,
+    data,
+    distributed,
+    loop,
+    metrics,
+    nonfinite,
+    preemption,
+    trainer,
+)
+from experiments import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and summary.')
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'A config file, e.g. experiments/configs/cifar10_resnet18.py.',
     lock_config=True)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False,
+    'Continue a workdir that was started with another config (see README, Resuming).')
+# Multi-process runs (one process per host): JAX's own distributed runtime. Not needed on one
+# host, nor where JAX detects the cluster itself (TPU pods, SLURM, Open MPI, Kubernetes).
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0, e.g. 10.0.0.1:1234.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes of the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout_s', 300, 'Seconds to wait for all processes to join.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -28,14 +50,23 @@ def main(argv):
         raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
     logging.set_verbosity(logging.WARNING)
     try:
-        summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               timeout_s=_DISTRIBUTED_TIMEOUT.value)
+        summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                          allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except (data.DatasetNotFoundError, trainer.ConfigError,
-            checkpointing.CheckpointMismatchError) as e:
+            checkpointing.CheckpointMismatchError, workdir_lib.WorkdirError,
+            distributed.DistributedError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+    except nonfinite.NonFiniteError as e:
+        cli.fail(e, cli.EXIT_NONFINITE)
+    except preemption.Preempted as e:
+        print(e)
+        sys.exit(0)
     print(metrics.format_summary(summary))
     print(f'\nOutputs in {_WORKDIR.value}')
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 import vasso_jax
+from experiments import stability
 
 OPTIMIZERS = ('sgd', 'sam', 'vasso', 'asam')
 BASE_OPTIMIZERS = ('sgd', 'adamw')
@@ -34,6 +35,8 @@ LR_SCHEDULES = ('cosine', 'constant')
 # (ResNet-18: ~30 s -> ~2 s on two cores; the random initialisers dominate).
 _FAST_COMPILE = {'xla_backend_optimization_level': 0}
 # Scalars the sharpness-aware link keeps in its state (read with optax.tree.get).
+# The vmap axis over example groups of m-sharpness (config.ascent_group_size > 0).
+GROUP_AXIS = 'ascent_group'
 LINK_DIAGNOSTICS = ('grad_norm', 'direction_norm', 'cosine')
 
 
@@ -62,11 +65,16 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 class Split(NamedTuple):
-    """A whole split as arrays (uint8 images, int32 labels), on device for training."""
+    """A whole split as arrays (uint8 images, int32 labels), on device for training.
 
-    images: Any  # [N, H, W, C] uint8
-    labels: Any  # [N] int32: the labels trained on (noisy where label noise is on)
-    true_labels: Any  # [N] int32: the clean labels
+    The leading axis holds ``S`` data shards of ``n`` examples, one per device of the mesh
+    (``S = 1`` on one device): shard ``k`` is examples ``k, k + S, k + 2S, ...``, so a device
+    only ever reads its own shard and a process loads only its devices' shards.
+    """
+
+    images: Any  # [S, n, H, W, C] uint8
+    labels: Any  # [S, n] int32: the labels trained on (noisy where label noise is on)
+    true_labels: Any  # [S, n] int32: the clean labels
 
 
 class EvalSplit(NamedTuple):
@@ -91,6 +99,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f'--config.{key} must be >= 1, got {config[key]}.')
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ConfigError('Set --config.num_epochs or --config.num_train_steps to a value > 0.')
+    group = config.get('ascent_group_size', 0)
+    if group < 0 or (group and config.batch_size % group):
+        raise ConfigError(f'--config.ascent_group_size={group} must be 0 (whole batch) or divide '
+                          f'--config.batch_size={config.batch_size}.')
+    if group and config.optimizer == 'sgd':
+        raise ConfigError('--config.ascent_group_size needs a sharpness-aware --config.optimizer '
+                          '(sam, vasso or asam), not sgd.')
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -137,6 +152,10 @@ def make_sharpness_link(config: ml_collections.ConfigDict):
 
 def _sharpness_link(config):
     extra = {'every_k': config.every_k} if config.every_k != 1 else {}
+    if config.get('ascent_group_size', 0):  # m-sharpness: groups are a vmap axis
+        extra.update(axis_name=GROUP_AXIS, ascent='per_device')
+    if config.get('log_stability', False):  # keep eps_t for stability.track (make_optimizer)
+        extra['keep_perturbation'] = True
     if config.optimizer == 'sam':
         return vasso_jax.sam(config.rho, adaptive=config.adaptive, eta=config.eta, **extra)
     if config.optimizer == 'vasso':
@@ -155,6 +174,10 @@ def make_optimizer(config: ml_collections.ConfigDict,
     parameter, like the PyTorch SGD of the official code.
     """
     link = make_sharpness_link(config)
+    if link is not None and config.get('log_stability', False):
+        # Adversary stability, cos(eps_t, eps_t-1) and the variance of eps, kept in the state
+        # and logged like the link's diagnostics (experiments/stability.py).
+        link = stability.track(link)
     if config.base_optimizer == 'adamw':
         base = [optax.adamw(schedule, weight_decay=config.weight_decay)]
     else:
@@ -183,8 +206,10 @@ def create_train_state(model, tx: optax.GradientTransformation, *, image_shape: 
 
 
 def link_diagnostics(opt_state) -> tuple[str, ...]:
-    """Names in :data:`LINK_DIAGNOSTICS` that ``opt_state`` holds (none for plain SGD)."""
-    return tuple(n for n in LINK_DIAGNOSTICS if optax.tree.get(opt_state, n) is not None)
+    """Names in :data:`LINK_DIAGNOSTICS` (and, with ``config.log_stability``,
+    ``stability.STABILITY_DIAGNOSTICS``) that ``opt_state`` holds (none for plain SGD)."""
+    names = LINK_DIAGNOSTICS + stability.STABILITY_DIAGNOSTICS
+    return tuple(n for n in names if optax.tree.get(opt_state, n) is not None)
 
 
 def metric_names(diagnostics: Sequence[str]) -> tuple[str, ...]:
@@ -209,9 +234,23 @@ def summarize_train_metrics(sums: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def epoch_permutation(data_key: jax.Array, epoch, num_examples: int) -> jax.Array:
-    """The data order of ``epoch``: a pure function of (data_key, epoch). Jit with static n."""
-    return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+def shard_split(images: np.ndarray, labels: np.ndarray, true_labels: np.ndarray,
+                num_shards: int) -> Split:
+    """Host arrays laid out as ``num_shards`` strided shards (a remainder is dropped)."""
+    n = len(labels) // num_shards
+    take = lambda x: np.stack([x[k:n * num_shards:num_shards] for k in range(num_shards)])
+    return Split(take(images), take(labels.astype(np.int32)), take(true_labels.astype(np.int32)))
+
+
+def epoch_permutation(data_key: jax.Array, epoch, num_shards: int, shard_size: int):
+    """The data order of ``epoch``: a pure function of (data_key, epoch), one row per shard.
+
+    Returns ``[num_shards, shard_size]`` int32 indices into each shard. Jit with the sizes
+    static.
+    """
+    epoch_key = jax.random.fold_in(data_key, epoch)
+    shard_keys = jax.vmap(lambda k: jax.random.fold_in(epoch_key, k))(jnp.arange(num_shards))
+    return jax.vmap(lambda k: jax.random.permutation(k, shard_size))(shard_keys)
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -239,16 +278,23 @@ def make_loss_fn(model, num_classes: int, label_smoothing: float = 0.0):
 
 
 def get_batch(step, perm, data: Split, *, batch_size: int, epoch_steps: int):
-    """The batch of ``step``: slice ``step % epoch_steps`` of the epoch's permutation."""
-    start = (step % epoch_steps) * batch_size
-    idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
-    return data.images[idx], data.labels[idx], data.true_labels[idx]
+    """The batch of ``step``: slice ``step % epoch_steps`` of every shard's permutation.
+
+    Each shard contributes ``batch_size / S`` examples; the gather is per shard, so under a
+    mesh each device reads only the shard it holds.
+    """
+    num_shards = perm.shape[0]
+    local = batch_size // num_shards
+    idx = jax.lax.dynamic_slice_in_dim(perm, (step % epoch_steps) * local, local, axis=1)
+    gather = jax.vmap(lambda x, i: x[i])
+    flat = lambda x: x.reshape(batch_size, *x.shape[2:])
+    return tuple(flat(gather(x, idx)) for x in data)
 
 
 def make_train_step(model, tx: optax.GradientTransformationExtraArgs,
                     augment_fn: Callable, *, num_classes: int, batch_size: int,
                     epoch_steps: int, label_smoothing: float = 0.0,
-                    diagnostics: Sequence[str] = ()) -> Callable:
+                    diagnostics: Sequence[str] = (), ascent_group_size: int = 0) -> Callable:
     """Returns ``train_step(state, metrics, data, perm) -> (state, metrics)`` (not jitted).
 
     Pass 1 (``value_and_grad`` at ``w``) gives the loss, accuracy and the new BatchNorm
@@ -265,24 +311,47 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs,
       epoch_steps: steps per epoch (batches in one permutation).
       label_smoothing: smoothing of the one-hot targets.
       diagnostics: names from :data:`LINK_DIAGNOSTICS` present in the optimiser state.
+      ascent_group_size: if > 0, m-sharpness: each group of this many examples is perturbed
+        by its own gradient and the perturbed gradients are averaged. ``tx``'s link must be
+        built with ``axis_name=GROUP_AXIS, ascent='per_device'`` (:func:`make_optimizer`
+        does it). Costs the same two passes as SAM; BatchNorm normalises per group.
     """
     loss_fn = make_loss_fn(model, num_classes, label_smoothing)
     extra_diagnostics = [d for d in diagnostics if d != 'grad_norm']
+
+    def two_passes(params, batch_stats, opt_state, images, labels, dropout_key):
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch_stats, images, labels, dropout_key)
+
+        def grad_fn(p):  # pass 2: same batch and dropout mask, BatchNorm updates dropped
+            return jax.grad(lambda q: loss_fn(q, batch_stats, images, labels, dropout_key)[0])(p)
+
+        updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+        return updates, opt_state, loss, logits, new_stats, grads
+
+    def grouped_passes(params, batch_stats, opt_state, images, labels, dropout_key):
+        # m-sharpness: both passes per group of m examples (BatchNorm statistics per group
+        # too), groups mapped with vmap; the link averages over GROUP_AXIS, so the update and
+        # the optimiser state come out shared. Independent of how devices split the batch.
+        split = lambda x: x.reshape(batch_size // ascent_group_size, ascent_group_size,
+                                    *x.shape[1:])
+        run = jax.vmap(two_passes, axis_name=GROUP_AXIS, in_axes=(None, None, None, 0, 0, None),
+                       out_axes=(None, None, 0, 0, 0, 0))
+        updates, opt_state, loss, logits, new_stats, grads = run(
+            params, batch_stats, opt_state, split(images), split(labels), dropout_key)
+        mean = lambda tree: jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+        return (updates, opt_state, jnp.mean(loss), logits.reshape(batch_size, -1),
+                mean(new_stats), mean(grads))
+
+    passes = grouped_passes if ascent_group_size else two_passes
 
     def train_step(state: TrainState, metrics, data: Split, perm):
         images, labels, true_labels = get_batch(state.step, perm, data, batch_size=batch_size,
                                                 epoch_steps=epoch_steps)
         augment_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
         images = augment_fn(augment_key, images)
-
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, images, labels, dropout_key)
-
-        def grad_fn(params):  # pass 2: same batch and dropout mask, BatchNorm updates dropped
-            return jax.grad(lambda p: loss_fn(p, state.batch_stats, images, labels,
-                                              dropout_key)[0])(params)
-
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+        updates, opt_state, loss, logits, batch_stats, grads = passes(
+            state.params, state.batch_stats, state.opt_state, images, labels, dropout_key)
         params = optax.apply_updates(state.params, updates)
 
         predictions = jnp.argmax(logits, axis=-1)

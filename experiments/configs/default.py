@@ -40,6 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.adaptive = False  # ASAM-style |w| + eta scaling on sam / vasso
     config.eta = 0.01  # offset of the adaptive scaling
     config.every_k = 1  # sharpness-aware gradient every k-th step
+    # m-sharpness: perturb each group of m examples by its own gradient (0 = whole batch);
+    # independent of the device count, unlike per-device ascent in the SAM authors' code.
+    config.ascent_group_size = 0
+    # Log adversary stability (cos between consecutive perturbations, their variance); keeps
+    # one extra params-sized buffer. Used by the digits study (experiments/reproduce.py).
+    config.log_stability = False
     config.base_optimizer = 'sgd'  # sgd | adamw  [C]
     config.momentum = 0.9  # [C]
     config.nesterov = False  # [C]

@@ -4,9 +4,6 @@ import glob
 import importlib
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import flax.linen as nn
 import jax
@@ -20,6 +17,7 @@ import vasso_jax
 from experiments import checkpointing, loop, metrics, models, trainer
 from experiments.configs import cifar10_resnet18, cifar10_wrn28_10, default
 from experiments.data import augment
+from tests.experiments.conftest import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_NAMES = ('default', 'cifar10_resnet18', 'cifar100_resnet18', 'cifar10_wrn28_10',
@@ -125,10 +123,13 @@ def test_schedule_is_cosine_to_zero():
 
 def test_data_order_is_a_function_of_seed_and_epoch():
     _, data_key, _ = trainer.split_keys(0)
-    first = trainer.epoch_permutation(data_key, 3, 50)
-    np.testing.assert_array_equal(first, trainer.epoch_permutation(data_key, 3, 50))
-    assert sorted(np.asarray(first).tolist()) == list(range(50))
-    assert not np.array_equal(first, trainer.epoch_permutation(data_key, 4, 50))
+    first = trainer.epoch_permutation(data_key, 3, 2, 25)
+    np.testing.assert_array_equal(first, trainer.epoch_permutation(data_key, 3, 2, 25))
+    assert first.shape == (2, 25)
+    for row in np.asarray(first):  # one permutation per data shard
+        assert sorted(row.tolist()) == list(range(25))
+    assert not np.array_equal(first[0], first[1])
+    assert not np.array_equal(first, trainer.epoch_permutation(data_key, 4, 2, 25))
 
 
 def test_eval_pads_the_last_batch_and_drops_nothing():
@@ -178,8 +179,8 @@ def test_batchnorm_statistics_come_from_pass_one_only():
     step = jax.jit(trainer.make_train_step(
         model, tx, augment_fn, num_classes=10, batch_size=8, epoch_steps=2,
         diagnostics=trainer.link_diagnostics(state.opt_state)))
-    data = trainer.Split(images, labels, labels)
-    perm = trainer.epoch_permutation(data_key, 0, 16)
+    data = trainer.shard_split(images, labels, labels, 1)
+    perm = trainer.epoch_permutation(data_key, 0, 1, 16)
     new_state, _ = step(state, trainer.zero_metrics(trainer.LINK_DIAGNOSTICS), data, perm)
 
     # Pass 1 alone, on the same batch with the same keys.
@@ -287,8 +288,11 @@ def test_same_seed_same_checksum_and_resume_is_bitwise(tmp_path):
 
 def test_a_checkpoint_of_another_optimizer_is_a_clear_error(tmp_path):
     loop.train_and_evaluate(digits_config('sgd', num_train_steps=1), str(tmp_path))
+    vasso = digits_config('vasso', num_train_steps=1)
+    with pytest.raises(ValueError, match=r"optimizer: 'sgd' -> 'vasso'.*--allow_config_change"):
+        loop.train_and_evaluate(vasso, str(tmp_path))  # refused: another config
     with pytest.raises(checkpointing.CheckpointMismatchError, match='pass a new --workdir'):
-        loop.train_and_evaluate(digits_config('vasso', num_train_steps=1), str(tmp_path))
+        loop.train_and_evaluate(vasso, str(tmp_path), allow_config_change=True)
     with open(tmp_path / 'config.json') as f:
         assert json.load(f)['optimizer'] == 'sgd'  # the workdir still describes its run
 
@@ -304,27 +308,6 @@ def test_resume_drops_history_written_after_the_checkpoint(tmp_path):
 
 
 # --------------------------------------------------------------------------- the CLI
-
-# Runs the CLI under mock data; the conftest's fix for batched mocked reads is applied too.
-_MOCK_CLI = textwrap.dedent("""
-    import runpy, sys
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.testing import mocking
-    from tests.experiments import conftest
-    mocking._getitems = conftest._getitems
-    with tfds.testing.mock_data(num_examples=int(sys.argv[1])):
-        sys.argv = ['experiments.train', *sys.argv[2:]]
-        runpy.run_module('experiments.train', run_name='__main__', alter_sys=True)
-""")
-
-
-def run_cli(args, *, mock_examples=None, env=None):
-    command = [sys.executable, '-m', 'experiments.train', *args]
-    if mock_examples:
-        command = [sys.executable, '-c', _MOCK_CLI, str(mock_examples), *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, 'PYTHONPATH': REPO, **(env or {})})
-
 
 @pytest.mark.slow
 def test_cli_trains_under_mock_data(tmp_path):

@@ -1,0 +1,127 @@
+"""Data-parallel checks of the trainer, run by test_distributed.py with 8 simulated CPU devices.
+
+Each check raises AssertionError on a mismatch; the process prints a final line when all pass.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+import vasso_jax
+from experiments import distributed, models, trainer
+
+BATCH, STEPS, RHO, LR = 16, 2, 0.05, 0.01
+
+
+def setup(group_size=0, shards=4):
+    model = models.get_model('wrn', 10, depth=10, widen_factor=1, base_width=4)
+    link = vasso_jax.sam(RHO, **({'axis_name': trainer.GROUP_AXIS, 'ascent': 'per_device'}
+                                 if group_size else {}))
+    tx = optax.chain(link, optax.sgd(LR))
+    init_key, data_key, augment_key = trainer.split_keys(0)
+    state = trainer.create_train_state(model, tx, image_shape=(8, 8, 1), init_key=init_key,
+                                       augment_key=augment_key)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (BATCH * 4, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, BATCH * 4).astype(np.int32)
+    split = trainer.shard_split(images, labels, labels, shards)
+    perm = trainer.epoch_permutation(data_key, 0, shards, len(labels) // shards)
+    augment_fn = lambda key, x: (x.astype(jnp.float32) - 128.0) / 64.0
+    step = trainer.make_train_step(
+        model, tx, augment_fn, num_classes=10, batch_size=BATCH, epoch_steps=4,
+        diagnostics=trainer.link_diagnostics(state.opt_state), ascent_group_size=group_size)
+    return model, state, split, perm, step, tx
+
+
+def run(devices, group_size=0, shards=4):
+    """STEPS train steps with the batch sharded over ``devices`` (None: plain jit)."""
+    _, state, split, perm, step, _ = setup(group_size, shards)
+    sums = trainer.zero_metrics(trainer.link_diagnostics(state.opt_state))
+    if devices is None:
+        jitted = jax.jit(step)
+    else:
+        mesh = Mesh(np.array(devices), (distributed.DATA_AXIS,))
+        rep, shard = distributed.replicated(mesh), distributed.sharded(mesh)
+        state, sums = distributed.put(state, rep), distributed.put(sums, rep)
+        split, perm = distributed.put(split, shard), distributed.put(perm, shard)
+        jitted = jax.jit(step, in_shardings=(rep, rep, shard, shard),
+                         out_shardings=(rep, rep))
+    for _ in range(STEPS):
+        state, sums = jitted(state, sums, split, perm)
+    return state, sums
+
+
+def close(a, b, tol=2e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+def check_sharded_step_equals_single_device():
+    # The same data layout (one shard per device) on one device and on the mesh.
+    single, single_sums = run(None, shards=8)
+    state, sums = run(jax.devices(), shards=8)
+    close(state.params, single.params)
+    close(state.batch_stats, single.batch_stats)
+    close(sums, single_sums)
+
+
+def check_group_size_is_device_independent():
+    # Equal up to float reduction order (BatchNorm over 4 examples amplifies it a little).
+    devices = jax.devices()
+    want, _ = run(None, group_size=4)
+    for n in (1, 2, 4):
+        got, _ = run(devices[:n], group_size=4)
+        close(got.params, want.params, tol=1e-3)
+        close(got.batch_stats, want.batch_stats, tol=1e-3)
+
+
+def check_group_step_matches_per_group_reference():
+    model, state, split, perm, step, _ = setup(group_size=4)
+    sums = trainer.zero_metrics(trainer.link_diagnostics(state.opt_state))
+    new_state, _ = jax.jit(step)(state, sums, split, perm)
+    # Hand-written m-sharpness: per group of 4, SAM's ascent with that group's gradient and
+    # BatchNorm statistics, then the mean of the perturbed gradients; statistics averaged.
+    images, labels, _ = trainer.get_batch(state.step, perm, split, batch_size=BATCH,
+                                          epoch_steps=4)
+    x = (images.astype(jnp.float32) - 128.0) / 64.0
+    _, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    loss_fn = trainer.make_loss_fn(model, 10)
+
+    @jax.jit
+    def group_sam(xg, yg):
+        group_loss = lambda p: loss_fn(p, state.batch_stats, xg, yg, dropout_key)
+        g, (_, new_stats) = jax.grad(group_loss, has_aux=True)(state.params)
+        norm = jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(g)))
+        point = jax.tree.map(lambda w, v: w + RHO * v / (norm + 1e-12), state.params, g)
+        return jax.grad(lambda p: group_loss(p)[0])(point), new_stats
+
+    outs, stats = [], []
+    for j in range(BATCH // 4):
+        out, new_stats = group_sam(x[4 * j:4 * j + 4], labels[4 * j:4 * j + 4])
+        outs.append(out)
+        stats.append(new_stats)
+    mean = lambda trees: jax.tree.map(lambda *v: jnp.mean(jnp.stack(v), axis=0), *trees)
+    want = jax.tree.map(lambda w, h: w - LR * h, state.params, mean(outs))
+    close(new_state.params, want, tol=1e-5)
+    close(new_state.batch_stats, mean(stats), tol=1e-5)
+    # And it is not the whole-batch SAM step: the option changes the update.
+    _, plain_state, split0, perm0, plain_step, _ = setup(group_size=0)
+    plain, _ = jax.jit(plain_step)(plain_state, trainer.zero_metrics(
+        trainer.link_diagnostics(plain_state.opt_state)), split0, perm0)
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(plain.params), jax.tree.leaves(new_state.params)))
+    assert diff > 1e-3, diff
+
+
+def main():
+    assert len(jax.devices()) == 8, jax.devices()
+    check_sharded_step_equals_single_device()
+    check_group_size_is_device_independent()
+    check_group_step_matches_per_group_reference()
+    print('distributed trainer checks passed')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,126 @@
+"""Data parallelism: simulated devices, a 2-process run over loopback, m-sharpness, bad input."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from experiments import trainer
+from experiments.configs import digits_resnet
+from tests.experiments.conftest import REPO, cli_command, cli_env, run_cli
+
+TINY = ['--config.model_kwargs.width=4', '--config.progress_bar=False']
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def devices_env(n: int) -> dict:
+    return {'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}', 'JAX_PLATFORMS': 'cpu'}
+
+
+@pytest.mark.slow
+def test_trainer_on_8_simulated_devices():
+    proc = subprocess.run([sys.executable, '-m', 'tests.experiments.distributed_checks'],
+                          cwd=REPO, env=cli_env(devices_env(8)), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert 'distributed trainer checks passed' in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_over_loopback_match_one_process(tmp_path):
+    args = ['--config', 'experiments/configs/cifar10_resnet18.py', '--config.num_train_steps=4',
+            '--config.batch_size=16', '--config.eval_batch_size=16', '--config.log_every_steps=2',
+            *TINY]
+    address = f'127.0.0.1:{free_port()}'
+    procs = [subprocess.Popen(
+        cli_command([*args, '--workdir', str(tmp_path / 'two'), f'--coordinator_address={address}',
+                     '--num_processes=2', f'--process_id={i}', '--distributed_timeout_s=120'],
+                    mock_examples=64),
+        cwd=REPO, env=cli_env(devices_env(2)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    try:
+        one = run_cli([*args, '--workdir', str(tmp_path / 'one')], mock_examples=64,
+                      env=devices_env(4))
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:  # never leave a process behind, whatever failed
+            p.kill()
+    assert one.returncode == 0, one.stderr[-3000:]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    two = json.loads((tmp_path / 'two' / 'summary.json').read_text())
+    ref = json.loads((tmp_path / 'one' / 'summary.json').read_text())
+    assert two['steps'] == ref['steps'] == 4
+    assert two['final_train_loss'] == pytest.approx(ref['final_train_loss'], rel=1e-3)
+    assert two['final_test_accuracy'] == pytest.approx(ref['final_test_accuracy'], rel=1e-3)
+    # Only process 0 writes the metrics: one record per log/eval step, not two.
+    steps = [r['step'] for r in map(json.loads, open(tmp_path / 'two' / 'metrics.jsonl'))]
+    assert len(steps) == len([r for r in map(json.loads, open(tmp_path / 'one' / 'metrics.jsonl'))])
+
+
+def test_batch_not_divisible_by_devices_is_one_line(tmp_path):
+    result = run_cli(['--config', 'experiments/configs/digits_resnet.py', '--workdir',
+                      str(tmp_path / 'run'), '--config.batch_size=30',
+                      '--config.num_train_steps=1', *TINY], env=devices_env(4))
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ['error: --config.batch_size=30 must divide by the 4 devices; use a '
+                     'multiple of 4.'], result.stderr
+
+
+@pytest.mark.parametrize('group,message', [
+    (5, '--config.ascent_group_size=5 must be 0 (whole batch) or divide --config.batch_size=64.'),
+    (-1, '--config.ascent_group_size=-1 must be 0 (whole batch) or divide'),
+])
+def test_ascent_group_size_must_divide_the_batch(group, message):
+    config = digits_resnet.get_config()
+    config.batch_size, config.ascent_group_size = 64, group
+    with pytest.raises(trainer.ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')):
+        trainer.validate_config(config)
+
+
+def test_ascent_group_size_needs_a_sharpness_aware_optimizer():
+    config = digits_resnet.get_config()
+    config.batch_size, config.ascent_group_size, config.optimizer = 64, 16, 'sgd'
+    with pytest.raises(trainer.ConfigError, match='needs a sharpness-aware'):
+        trainer.validate_config(config)
+
+
+def test_unreachable_coordinator_fails_in_bounded_time(tmp_path):
+    start = time.monotonic()
+    result = run_cli(['--config', 'experiments/configs/digits_resnet.py', '--workdir',
+                      str(tmp_path / 'run'), f'--coordinator_address=127.0.0.1:{free_port()}',
+                      '--num_processes=2', '--process_id=1', '--distributed_timeout_s=5', *TINY],
+                     timeout=120)
+    assert time.monotonic() - start < 90
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert len(lines) == 1 and 'Could not join the distributed run' in lines[0], result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--coordinator_address=nohost', '--num_processes=2', '--process_id=0'], 'is not HOST:PORT'),
+    (['--coordinator_address=127.0.0.1:1234', '--num_processes=2', '--process_id=2'],
+     '--process_id=2 must be in [0, 2)'),
+    (['--num_processes=2'], 'Pass all of --coordinator_address'),
+])
+def test_bad_distributed_flags(flags, message):
+    from experiments import distributed
+    values = {'coordinator_address': None, 'num_processes': None, 'process_id': None}
+    for flag in flags:
+        key, value = flag[2:].split('=')
+        values[key] = value if key == 'coordinator_address' else int(value)
+    with pytest.raises(distributed.DistributedError, match=message.replace('[', r'\[')
+                       .replace(')', r'\)')):
+        distributed.initialize(**values)
+    assert os.environ.get('JAX_COORDINATOR_ADDRESS') is None

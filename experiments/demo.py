@@ -21,7 +21,8 @@ from experiments.configs import digits_resnet
 
 OPTIMIZERS = ('sgd', 'sam', 'vasso')
 
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Output folder (one subfolder a run).')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Output folder (one subfolder a run).',
+                                allow_override=True)  # reproduce.py defines it too
 _NUM_EPOCHS = flags.DEFINE_integer('num_epochs', None, 'Override the config\'s epochs.')
 
 

@@ -1,0 +1,447 @@
+"""Tests of the grid runner, the aggregation, the published numbers and stability tracking."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import vasso_jax
+from experiments import (
+    aggregate,
+    diagnose,
+    grids,
+    loop,
+    models,
+    plots,
+    reproduce,
+    stability,
+    trainer,
+)
+from experiments.data import augment
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# --------------------------------------------------------------------------- grids
+
+
+@pytest.mark.parametrize('name', list(grids.GRIDS))
+def test_every_cell_of_every_grid_has_a_valid_config(name):
+    grid = grids.GRIDS[name]
+    cells = grids.cells(grid)
+    assert (
+        len({c.name for c in cells})
+        == len(cells)
+        == (len(grid.configs) * len(grid.optimizers) * len(grid.seeds) * len(grid.label_noise))
+    )
+    for cell in cells:
+        config = grids.make_config(grid, cell)
+        trainer.validate_config(config)
+        assert (config.optimizer, config.seed, config.label_noise, config.noise_seed) == (
+            cell.optimizer,
+            cell.seed,
+            cell.label_noise,
+            cell.seed,
+        )
+
+
+def test_grids_hold_the_issue_settings():
+    digits = grids.GRIDS['digits']
+    assert len(grids.cells(digits)) == 36
+    assert digits.label_noise == (0.0, 0.2, 0.4, 0.6) and len(digits.seeds) == 3
+    assert grids.GRIDS['label_noise'].label_noise == (0.2, 0.4, 0.6, 0.8)
+    noisy_humans = grids.make_config(
+        grids.GRIDS['label_noise_cifar10n'], grids.cells(grids.GRIDS['label_noise_cifar10n'])[0]
+    )
+    assert (noisy_humans.dataset, noisy_humans.label_noise) == ('cifar10_n', 0.0)
+    paper = grids.GRIDS['paper_cifar']
+    assert {c.split('_')[1] for c in paper.configs} == {'resnet18', 'wrn28', 'pyramidnet110'}
+    sgd = grids.make_config(paper, grids.Cell('cifar10_resnet18', 'sgd', 0.0, 0))
+    vasso = grids.make_config(paper, grids.Cell('cifar10_resnet18', 'vasso', 0.0, 0))
+    assert (sgd.weight_decay, vasso.weight_decay) == (5e-4, 1e-3)  # the official README's
+
+
+def test_cells_put_the_seed_outermost():
+    grid = grids.Grid(
+        't', 't', configs=('a',), optimizers=('sgd', 'sam'), seeds=(0, 1), label_noise=(0.0, 0.4)
+    )
+    names = [c.name for c in grids.cells(grid)]
+    assert names[:4] == [
+        'a-sgd-noise00-seed0',
+        'a-sam-noise00-seed0',
+        'a-sgd-noise40-seed0',
+        'a-sam-noise40-seed0',
+    ]
+
+
+def test_shards_are_disjoint_and_complete():
+    cells = grids.cells(grids.GRIDS['digits'])
+    shards = [grids.shard(cells, i, 5) for i in range(5)]
+    assert sorted(c for s in shards for c in s) == sorted(cells)
+    assert grids.parse_shard('3/5') == (3, 5)
+    for bad in ('5/5', '-1/2', 'a/b', '1'):
+        with pytest.raises(trainer.ConfigError, match='must be i/n'):
+            grids.parse_shard(bad)
+
+
+def test_overrides_are_checked_and_typed():
+    assert grids.parse_overrides(['num_epochs=3', 'data_dir=/x', 'rho=0.2']) == {
+        'num_epochs': 3,
+        'data_dir': '/x',
+        'rho': 0.2,
+    }
+    with pytest.raises(trainer.ConfigError, match='key=value'):
+        grids.parse_overrides(['num_epochs'])
+    grid, cell = grids.GRIDS['digits'], grids.cells(grids.GRIDS['digits'])[0]
+    config = grids.make_config(grid, cell, {'model_kwargs.width': 4, 'seed': 7})
+    assert (config.model_kwargs.width, config.seed) == (4, 7)  # --set wins over the cell
+    with pytest.raises(trainer.ConfigError, match="'nope' is not a config field"):
+        grids.make_config(grid, cell, {'nope': 1})
+    with pytest.raises(trainer.ConfigError, match='wrong type'):
+        grids.make_config(grid, cell, {'num_epochs': 'many'})
+    with pytest.raises(trainer.ConfigError, match='--grid'):
+        grids.get_grid('imagenet')
+
+
+# --------------------------------------------------------------------------- aggregation
+
+SMALL = grids.Grid(
+    'small',
+    'a hand-made grid',
+    configs=('a_cfg', 'b_cfg'),
+    optimizers=('sgd', 'vasso'),
+    seeds=(0, 1),
+)
+
+
+def write_run(workdir, cell, accuracy, *, completed=True, eps=None, diagnostics=None):
+    """A fake finished cell: summary.json, metrics.jsonl, optionally diagnostics.json."""
+    cell_dir = os.path.join(workdir, cell.name)
+    os.makedirs(cell_dir, exist_ok=True)
+    summary = {
+        'completed': completed,
+        'final_test_accuracy': accuracy,
+        'best_test_accuracy': accuracy + 0.01,
+    }
+    with open(os.path.join(cell_dir, 'summary.json'), 'w') as f:
+        json.dump(summary, f)
+    with open(os.path.join(cell_dir, 'metrics.jsonl'), 'w') as f:
+        for step in (1, 2):
+            record = {'step': step, 'epoch': float(step), 'test_accuracy': accuracy - 0.1 / step}
+            if eps is not None:
+                record.update(eps_cosine=eps * step, eps_variance=1e-3 / step)
+            f.write(json.dumps(record) + '\n')
+    if diagnostics is not None:
+        with open(os.path.join(cell_dir, 'diagnostics.json'), 'w') as f:
+            json.dump(diagnostics, f)
+
+
+def test_hand_made_summaries_give_the_expected_table(tmp_path):
+    workdir = str(tmp_path)
+    cell = lambda config, optimizer, seed: grids.Cell(config, optimizer, 0.0, seed)
+    write_run(workdir, cell('a_cfg', 'sgd', 0), 0.90)
+    write_run(workdir, cell('a_cfg', 'sgd', 1), 0.92)
+    write_run(
+        workdir,
+        cell('a_cfg', 'vasso', 0),
+        0.95,
+        eps=0.2,
+        diagnostics={'hessian_top_eigenvalue': 10.0, 'm_sharpness': 0.5},
+    )
+    write_run(
+        workdir,
+        cell('a_cfg', 'vasso', 1),
+        0.97,
+        eps=0.4,
+        diagnostics={'hessian_top_eigenvalue': 20.0, 'm_sharpness': 0.7},
+    )
+    write_run(workdir, cell('b_cfg', 'sgd', 0), 0.80)
+    write_run(workdir, cell('b_cfg', 'sgd', 1), 0.10, completed=False)  # interrupted: ignored
+    runs = aggregate.collect(SMALL, workdir)
+    assert sum(r.completed for r in runs) == 5
+
+    final = aggregate.table(SMALL, runs, aggregate.ACCURACY_TABLES[0])
+    assert final == '\n'.join(
+        [
+            '**Final test accuracy (%)**',
+            '',
+            '| optimizer | a_cfg | b_cfg |',
+            '|---|---:|---:|',
+            '| sgd | 91.00 ± 1.41 | 80.00 ± 0.00 (n=1) |',
+            '| vasso | 96.00 ± 1.41 | — |',
+        ]
+    )
+    hessian = aggregate.table(SMALL, runs, aggregate.DIAGNOSTIC_TABLES[0])
+    assert hessian.splitlines()[-1] == '| vasso | 15 ± 7.07 | — |'
+    assert 'sgd' not in hessian  # no diagnostics for SGD here: the row is left out
+    cosine = aggregate.table(SMALL, runs, aggregate.STABILITY_TABLES[0])
+    # eps_cosine per run: mean of the logged (0.2, 0.4) and (0.4, 0.8): 0.3 and 0.6.
+    assert cosine.splitlines()[-1] == '| vasso | 0.450 ± 0.212 | — |'
+
+    paper = {
+        'sources': {'X 2020': {'citation': 'X et al., 2020'}},
+        'results': [
+            {
+                'source': 'X 2020',
+                'table': 'Table 9',
+                'grids': ['small'],
+                'compare_with': {'config': 'a_cfg', 'optimizer': 'vasso', 'label_noise': 0.0},
+                'test_accuracy': 95.5,
+                'uncertainty': 0.2,
+                'note': 'a note',
+            }
+        ],
+    }
+    comparison = aggregate.paper_comparison(SMALL, runs, paper)
+    assert '| a_cfg | vasso | 95.5 ± 0.2 | 96.00 ± 1.41 | +0.50 | X 2020, Table 9 |' in comparison
+    assert 'X et al., 2020' in comparison and 'a note' in comparison
+
+    paths = plots.grid_plots(SMALL, runs, workdir)
+    assert [os.path.basename(p) for p in paths] == [
+        'test_accuracy.png',
+        'final_accuracy.png',
+        'stability.png',
+    ]
+    assert all(os.path.getsize(p) > 1000 for p in paths)
+    text = aggregate.report(SMALL, runs, paper, paths)
+    assert '5/8 runs completed' in text and '![stability.png](stability.png)' in text
+
+
+def test_mean_curve_averages_the_common_steps():
+    histories = [
+        [{'step': 1, 'epoch': 0.5, 'x': 1.0}, {'step': 2, 'epoch': 1.0, 'x': 3.0}],
+        [{'step': 2, 'epoch': 1.0, 'x': 5.0}],
+    ]
+    epochs, mean, std = plots.mean_curve(histories, 'x')
+    np.testing.assert_allclose((epochs, mean, std), ([1.0], [4.0], [1.0]))
+    assert plots.mean_curve([[{'step': 1}]], 'x') is None
+
+
+def test_paper_results_are_sourced_and_consistent():
+    paper = aggregate.load_paper_results()
+    assert paper['results'] and paper['not_found']
+    for entry in paper['results']:
+        assert entry['source'] in paper['sources']
+        target = entry['compare_with']
+        for name in entry['grids']:
+            grid = grids.GRIDS[name]
+            assert target['config'] in grid.configs
+            assert target['optimizer'] in grid.optimizers
+            assert target['label_noise'] in grid.label_noise
+        quoted = float(entry['quoted'].split('±')[0].split()[0])
+        want = 100.0 - quoted if 'error' in entry['quoted'] else quoted
+        assert entry['test_accuracy'] == pytest.approx(want)
+
+
+# --------------------------------------------------------------------------- stability
+
+
+def test_tracked_link_matches_a_hand_computed_sequence():
+    """Linear losses (gradient g_t whatever the weights): SAM's eps_t = rho g_t / |g_t|."""
+    gradients = [
+        np.array([1.0, 0.0]),
+        np.array([1.0, 1.0]),
+        np.array([0.0, 2.0]),
+        np.array([-1.0, 0.5]),
+    ]
+    rho = 0.5
+    tx = stability.track(vasso_jax.sam(rho, keep_perturbation=True))
+    w = jnp.zeros(2)
+    state = tx.init(w)
+    step = jax.jit(lambda g, s: tx.update(g, s, w, grad_fn=lambda p: g))
+    eps = [rho * g / np.linalg.norm(g) for g in gradients]
+    for t, g in enumerate(gradients, start=1):
+        updates, state = step(jnp.asarray(g), state)
+        np.testing.assert_allclose(updates, g)  # a linear loss: the same gradient at w + eps
+        cosines = [
+            e1 @ e0 / (np.linalg.norm(e1) * np.linalg.norm(e0))
+            for e0, e1 in zip(eps[: t - 1], eps[1:t])
+        ]
+        history = np.stack(eps[:t])
+        np.testing.assert_allclose(state.eps_cosine, cosines[-1] if cosines else 0.0, atol=1e-6)
+        np.testing.assert_allclose(
+            state.eps_mean_cosine, np.mean(cosines) if cosines else 0.0, atol=1e-6
+        )
+        np.testing.assert_allclose(state.eps_variance, history.var(axis=0).mean(), atol=1e-7)
+    assert optax.tree.get(state, 'eps_cosine') is state.eps_cosine  # the trainer's lookup
+
+
+def test_track_needs_the_perturbation():
+    with pytest.raises(ValueError, match='keep_perturbation=True'):
+        stability.track(vasso_jax.vasso(0.1, 0.4)).init(jnp.zeros(2))
+
+
+def test_stability_summary():
+    history = [
+        {'step': 1, 'eps_cosine': 0.2, 'eps_variance': 3.0},
+        {'step': 2, 'loss': 1.0},
+        {'step': 3, 'eps_cosine': 0.6, 'eps_variance': 1.0},
+    ]
+    assert stability.summarize(history) == {'eps_cosine': pytest.approx(0.4), 'eps_variance': 1.0}
+    assert stability.summarize([{'step': 1}]) == {}
+
+
+@pytest.mark.slow
+def test_trainer_logs_what_the_tracker_computes():
+    """Three jitted train steps of VaSSO with log_stability: the logged per-step metrics equal
+    vasso_jax.perturbation_stability fed with the eps_t that the link kept."""
+    images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+    labels = np.arange(16, dtype=np.int32) % 10
+    model = models.get_model('wrn', 10, depth=10, widen_factor=1)
+    config = grids.make_config(grids.GRIDS['digits'], grids.Cell('digits_resnet', 'vasso', 0.0, 0))
+    assert config.log_stability
+    tx = trainer.make_optimizer(config, 0.05)
+    init_key, data_key, augment_key = trainer.split_keys(0)
+    state = trainer.create_train_state(
+        model, tx, image_shape=(8, 8, 1), init_key=init_key, augment_key=augment_key
+    )
+    diagnostics = trainer.link_diagnostics(state.opt_state)
+    assert diagnostics == trainer.LINK_DIAGNOSTICS + stability.STABILITY_DIAGNOSTICS
+    augment_fn = lambda key, x: augment.normalize(x, mean=0.5, std=0.25)
+    step = jax.jit(
+        trainer.make_train_step(
+            model,
+            tx,
+            augment_fn,
+            num_classes=10,
+            batch_size=8,
+            epoch_steps=2,
+            diagnostics=diagnostics,
+        )
+    )
+    data = trainer.shard_split(images, labels, labels, 1)
+    perm = trainer.epoch_permutation(data_key, 0, 1, 16)
+    tracker = vasso_jax.perturbation_stability()
+    tracked = tracker.init(state.params)
+    for _ in range(3):
+        state, sums = step(state, trainer.zero_metrics(diagnostics), data, perm)
+        logged = trainer.summarize_train_metrics(jax.device_get(sums))
+        want, tracked = tracker.update(optax.tree.get(state.opt_state, 'perturbation'), tracked)
+        for name in ('cosine', 'mean_cosine', 'variance'):
+            np.testing.assert_allclose(logged[f'eps_{name}'], want[name], rtol=1e-5, atol=1e-9)
+    assert 0.0 < logged['eps_cosine'] <= 1.0  # VaSSO's direction turns slowly
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def tiny_grid(**kwargs):
+    """2 models x 2 optimisers x 1 seed on 40 mock CIFAR-10 examples, 4 steps each."""
+    return grids.Grid(
+        'tiny',
+        'tiny',
+        configs=('cifar10_resnet18', 'cifar10_wrn28_10'),
+        optimizers=('sgd', 'vasso'),
+        seeds=(0,),
+        overrides={
+            'batch_size': 8,
+            'eval_batch_size': 16,
+            'num_train_steps': 4,
+            'log_every_steps': 2,
+            'eval_every_steps': 2,
+            'checkpoint_every_steps': 2,
+            'progress_bar': False,
+        },
+        config_overrides={
+            'cifar10_resnet18': {'model_kwargs.width': 4},
+            'cifar10_wrn28_10': {'model_kwargs.depth': 10, 'model_kwargs.widen_factor': 1},
+        },
+        **kwargs,
+    )
+
+
+@pytest.mark.slow
+def test_grid_runs_resumes_and_aggregates(tmp_path, mock_tfds):
+    grid, workdir = tiny_grid(), str(tmp_path)
+    names = [c.name for c in grids.cells(grid)]
+    calls = []
+
+    def interrupted_on_third(config, cell_dir):
+        calls.append(os.path.basename(cell_dir))
+        if len(calls) == 3:  # preempted halfway through the third cell
+            loop.train_and_evaluate(config, cell_dir, stop_at_step=2)
+            raise KeyboardInterrupt
+        return loop.train_and_evaluate(config, cell_dir)
+
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.run_grid(grid, workdir, train_fn=interrupted_on_third, log=lambda _: None)
+    assert calls == names[:3]
+    finished = {n: os.path.getmtime(os.path.join(workdir, n, 'summary.json')) for n in names[:2]}
+    assert os.path.isdir(os.path.join(workdir, names[2], 'checkpoints', '2'))
+    assert not reproduce.is_finished(os.path.join(workdir, names[2]))
+
+    calls.clear()
+    counting = lambda config, cell_dir: (
+        calls.append(os.path.basename(cell_dir)),
+        loop.train_and_evaluate(config, cell_dir),
+    )[1]
+    reproduce.run_grid(grid, workdir, train_fn=counting, log=lambda _: None)
+    assert calls == names[2:]  # finished cells are not trained again
+    for name, mtime in finished.items():
+        assert os.path.getmtime(os.path.join(workdir, name, 'summary.json')) == mtime
+    history = [json.loads(line) for line in open(os.path.join(workdir, names[2], 'metrics.jsonl'))]
+    assert [r['step'] for r in history if 'test_accuracy' in r] == [2, 4]  # no step run twice
+
+    path, text = aggregate.write_report(grid, workdir, plot_fn=plots.grid_plots)
+    assert '4/4 runs completed' in text
+    runs = aggregate.collect(grid, workdir)
+    accuracy = {r.cell.name: r.summary['final_test_accuracy'] for r in runs}
+    row = next(line for line in text.splitlines() if line.startswith('| vasso |'))
+    assert row == (
+        f'| vasso | {100 * accuracy[names[1]]:.2f} ± 0.00 | {100 * accuracy[names[3]]:.2f} ± 0.00 |'
+    )
+    assert os.path.exists(os.path.join(workdir, 'test_accuracy.png'))
+
+
+@pytest.mark.slow
+def test_diagnostics_of_a_finished_cell(tmp_path, mock_tfds):
+    """WRN-10-1, 4 steps; then the final-model diagnostics restore the last checkpoint."""
+    spec = grids.Diagnostics(num_examples=16, num_iters=4, m=4, batch_size=8)
+    grid = dataclasses.replace(
+        tiny_grid(), configs=('cifar10_wrn28_10',), optimizers=('sam',), diagnostics=spec
+    )
+    cell = grids.cells(grid)[0]
+    done = reproduce.run_cell(grid, cell, str(tmp_path), log=lambda _: None)
+    assert 'lambda_max' in done
+    cell_dir = os.path.join(str(tmp_path), cell.name)
+    result = diagnose.read(cell_dir)
+    summary = aggregate.read_json(os.path.join(cell_dir, 'summary.json'))
+    assert result['params_checksum'] == summary['params_checksum'] and result['step'] == 4
+    assert np.isfinite(result['hessian_top_eigenvalue']) and result['hessian_top_eigenvalue'] > 0
+    assert np.isfinite(result['m_sharpness'])
+    assert 0.0 <= result['subset_accuracy'] <= 1.0
+    assert reproduce.run_cell(grid, cell, str(tmp_path), log=lambda _: None) == (
+        'skipped (finished)'
+    )  # neither trained nor measured again
+
+
+@pytest.mark.slow
+def test_cli_lists_aggregates_and_rejects_bad_flags(tmp_path):
+    grid = grids.GRIDS['digits']
+    write_run(str(tmp_path), grids.cells(grid)[0], 0.9)
+    cmd = [
+        sys.executable,
+        '-m',
+        'experiments.reproduce',
+        '--grid',
+        'digits',
+        '--workdir',
+        str(tmp_path),
+    ]
+    out = subprocess.run(
+        cmd + ['--aggregate_only'], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert '| sgd | 90.00 ± 0.00 (n=1) |' in out.stdout
+    assert os.path.exists(os.path.join(str(tmp_path), 'results.md'))
+    bad = subprocess.run(
+        cmd + ['--shard', '3/3'], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().count('\n') == 0
+    assert 'must be i/n' in bad.stderr

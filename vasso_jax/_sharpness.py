@@ -118,7 +118,10 @@ def sharpness_aware(
         may also be a ``jax.vmap`` axis over groups of examples.
       every_k: take the sharpness-aware gradient on every k-th step (steps 0, k,
         2k, ...) and the plain gradient otherwise; off-steps skip the second
-        pass (``lax.cond``) but the adversary's state still updates.
+        pass (``lax.cond``) but the adversary's state still updates. On XLA:CPU,
+        convolutions inside a ``lax.cond`` branch miss the fast layout and the two-pass
+        steps run far slower (BENCHMARKS.md); there, compile two steps instead (this link
+        with ``every_k=1`` and with ``rho=0``, same state) and pick one per step on the host.
       keep_perturbation: also keep the last perturbation ``epsilon_t`` in the state (one
         float32 params-sized buffer; its mean over devices with ``'per_device'``), e.g. to feed
         :func:`vasso_jax.perturbation_stability`. On ``every_k`` off-steps it is the

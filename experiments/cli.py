@@ -7,6 +7,7 @@ Exit codes of ``experiments.train``: 0 done or preempted (resumable), 2 bad inpu
 config, workdir), 3 non-finite training (see ``experiments/nonfinite.py``).
 """
 
+import contextlib
 import re
 import sys
 
@@ -20,6 +21,35 @@ def fail(message: str, code: int = EXIT_BAD_INPUT):
     """Prints ``error: <message>`` (one line) on stderr and exits with ``code``."""
     print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def exit_on_run_errors():
+    """Turns the expected failures of a training run into one line and an exit code.
+
+    Bad input (data not prepared, config, workdir, checkpoint, distributed flags) exits 2,
+    non-finite training 3, and a preemption prints how to resume and exits 0.
+    """
+    from experiments import (
+        checkpointing,
+        data,
+        distributed,
+        nonfinite,
+        preemption,
+        trainer,
+        workdir,
+    )
+    try:
+        yield
+    except (data.DatasetNotFoundError, trainer.ConfigError,
+            checkpointing.CheckpointMismatchError, workdir.WorkdirError,
+            distributed.DistributedError) as e:
+        fail(e)
+    except nonfinite.NonFiniteError as e:
+        fail(e, EXIT_NONFINITE)
+    except preemption.Preempted as e:
+        print(e)
+        sys.exit(0)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -16,7 +16,7 @@ import time
 
 from absl import app, flags, logging
 
-from experiments import loop, metrics
+from experiments import cli, loop, metrics
 from experiments.configs import digits_resnet
 
 OPTIMIZERS = ('sgd', 'sam', 'vasso')
@@ -98,7 +98,8 @@ def main(argv):
         raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
     logging.set_verbosity(logging.WARNING)
     start = time.time()
-    summaries = run_demo(_WORKDIR.value, num_epochs=_NUM_EPOCHS.value)
+    with cli.exit_on_run_errors():
+        summaries = run_demo(_WORKDIR.value, num_epochs=_NUM_EPOCHS.value)
     print('\n' + format_table(summaries))
     print(f'\nPlot: {plot(_WORKDIR.value)}')
     print(f'Total time: {time.time() - start:.0f} s (runs in {_WORKDIR.value}/<optimizer>)')

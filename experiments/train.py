@@ -9,23 +9,11 @@ The workdir receives ``config.json``, ``metrics.jsonl``, TensorBoard events in
 command again on the workdir resumes from its last checkpoint.
 """
 
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import (
-    checkpointing,
-    cli,
-    data,
-    distributed,
-    loop,
-    metrics,
-    nonfinite,
-    preemption,
-    trainer,
-)
-from experiments import workdir as workdir_lib
+from experiments import cli, distributed, loop, metrics
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and summary.')
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,21 +37,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
     logging.set_verbosity(logging.WARNING)
-    try:
+    with cli.exit_on_run_errors():
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                timeout_s=_DISTRIBUTED_TIMEOUT.value)
         summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                           allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-    except (data.DatasetNotFoundError, trainer.ConfigError,
-            checkpointing.CheckpointMismatchError, workdir_lib.WorkdirError,
-            distributed.DistributedError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-    except nonfinite.NonFiniteError as e:
-        cli.fail(e, cli.EXIT_NONFINITE)
-    except preemption.Preempted as e:
-        print(e)
-        sys.exit(0)
     print(metrics.format_summary(summary))
     print(f'\nOutputs in {_WORKDIR.value}')
 

@@ -9,9 +9,11 @@ the gradient all-reduce, and BatchNorm normalises with statistics of the *global
 
 import socket
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
@@ -130,6 +132,39 @@ def put(tree, sharding: NamedSharding):
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(place, tree)
+
+
+def local_shards(mesh: Mesh) -> np.ndarray:
+    """Positions in ``mesh`` (so data shard indices) of this process's devices, ascending.
+
+    :func:`make_mesh` orders devices by process, so they are contiguous.
+    """
+    return np.flatnonzero([d.process_index == jax.process_index() for d in mesh.devices.flat])
+
+
+def put_shards(tree, mesh: Mesh):
+    """Global arrays sharded over ``mesh`` from this process's rows of their leading axis.
+
+    Each leaf holds, along axis 0, the shards of this process's devices (in the order of
+    :func:`local_shards`); the global leading axis has one entry per device.
+    """
+    sharding = sharded(mesh)
+
+    def place(x):
+        local = np.asarray(x)
+        global_shape = (mesh.size, *local.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+    return jax.tree.map(place, tree)
+
+
+def combine_across_processes(x: np.ndarray, op: Callable = np.sum) -> np.ndarray:
+    """``op`` over axis 0 of this host array gathered from every process (same shape on all).
+
+    One process: ``op`` over a single entry, i.e. ``x`` itself for sum or max.
+    """
+    gathered = multihost_utils.process_allgather(np.asarray(x), tiled=False)
+    return op(np.asarray(gathered).reshape(-1, *np.shape(x)), axis=0)
 
 
 def is_main_process() -> bool:

@@ -23,6 +23,7 @@ from experiments import (
     checkpointing,
     data,
     distributed,
+    input_pipeline,
     metrics,
     models,
     nonfinite,
@@ -32,7 +33,6 @@ from experiments import (
 )
 from experiments import workdir as workdir_lib
 from experiments.data import augment as augment_lib
-from experiments.data import noise as noise_lib
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -43,25 +43,14 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
     return kwargs
 
 
-def load_data(config: ml_collections.ConfigDict):
-    """The dataset of ``config`` (raises ``data.DatasetNotFoundError`` when not prepared).
-
-    TFDS's own warnings while it looks for the files are muted: when the data is missing,
-    the error's one line says what to do, and those warnings only bury it.
-    """
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity(min(verbosity, logging.ERROR))
-    try:
-        return data.load_dataset(
-            config.dataset, data_dir=config.data_dir, validation_size=config.validation_size,
-            label_noise=config.label_noise, noise_type=config.noise_type,
-            noise_seed=config.noise_seed)
-    except data.DatasetNotFoundError:
-        raise
-    except ValueError as e:  # load_dataset's argument checks: a bad config value
-        raise trainer.ConfigError(str(e)) from e
-    finally:
-        logging.set_verbosity(verbosity)
+def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
+    """The whole dataset of ``config`` in host memory (diagnostics; the trainer reads only
+    its shards through `experiments.input_pipeline`)."""
+    input_pipeline.open_source(config)  # the same one-line errors as a run's
+    return data.load_dataset(
+        config.dataset, data_dir=config.data_dir, validation_size=config.validation_size,
+        label_noise=config.label_noise, noise_type=config.noise_type,
+        noise_seed=config.noise_seed)
 
 
 def make_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -70,14 +59,6 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int):
         return models.get_model(config.model, num_classes, **model_kwargs(config))
     except (ValueError, TypeError) as e:  # unknown name / unexpected keyword argument
         raise trainer.ConfigError(f'{e} (check --config.model and --config.model_kwargs)') from e
-
-
-def save_noise_audit(workdir: str, dataset) -> None:
-    """Saves which training labels were corrupted (``label_noise.npz``), if any were."""
-    flipped = dataset.flipped_indices
-    if flipped.size:
-        noise_lib.save_noise_audit(os.path.join(workdir, 'label_noise.npz'),
-                                   dataset.train_true_labels, dataset.train_labels, flipped)
 
 
 def _eval_record(prefix: str, sums) -> dict:
@@ -137,8 +118,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         stop_at_step: int | None, stop: preemption.Guard) -> dict:
     """The run itself, inside the workdir lock and the preemption guard."""
-    dataset = load_data(config)
-
     # Data parallelism: one data shard per device of the mesh; params replicated.
     mesh = distributed.make_mesh()
     num_shards = mesh.size
@@ -146,47 +125,50 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         raise trainer.ConfigError(
             f'--config.batch_size={config.batch_size} must divide by the {num_shards} devices; '
             f'use a multiple of {num_shards}.')
-    shard_size = len(dataset.train_labels) // num_shards
+    run_data = input_pipeline.load(config, mesh)  # this process's shards only
+    logging.info('Process %d read %d images (its %d of the %d data shards).',
+                 jax.process_index(), run_data.images_read, len(distributed.local_shards(mesh)),
+                 num_shards)
+    shard_size = run_data.train.labels.shape[1]
     epoch_steps = trainer.steps_per_epoch(shard_size * num_shards, config.batch_size)
     main_process = distributed.is_main_process()
     num_steps = trainer.total_steps(config, epoch_steps)
     end_step = num_steps if stop_at_step is None else min(stop_at_step, num_steps)
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else epoch_steps
 
-    model = make_model(config, dataset.num_classes)
+    model = make_model(config, run_data.num_classes)
     schedule = trainer.make_schedule(config, num_steps, epoch_steps)
     tx = trainer.make_optimizer(config, schedule)
     init_key, data_key, augment_key = trainer.split_keys(config.seed)
-    state = trainer.create_train_state(model, tx, image_shape=dataset.train_images.shape[1:],
+    state = trainer.create_train_state(model, tx, image_shape=run_data.image_shape,
                                        init_key=init_key, augment_key=augment_key)
     diagnostics = trainer.link_diagnostics(state.opt_state)
 
     augment_fn = functools.partial(
-        augment_lib.augment, mean=dataset.mean, std=dataset.std,
+        augment_lib.augment, mean=run_data.mean, std=run_data.std,
         crop_padding=config.crop_padding, flip=config.flip, cutout_size=config.cutout_size,
         cutout_prob=config.cutout_prob)
-    normalize_fn = functools.partial(augment_lib.normalize, mean=dataset.mean, std=dataset.std)
+    normalize_fn = functools.partial(augment_lib.normalize, mean=run_data.mean,
+                                     std=run_data.std)
     replicated, sharded = distributed.replicated(mesh), distributed.sharded(mesh)
     state = distributed.put(state, replicated)
     train_step = jax.jit(nonfinite.guard(trainer.make_train_step(
-        model, tx, augment_fn, num_classes=dataset.num_classes, batch_size=config.batch_size,
+        model, tx, augment_fn, num_classes=run_data.num_classes, batch_size=config.batch_size,
         epoch_steps=epoch_steps, label_smoothing=config.label_smoothing,
         diagnostics=diagnostics, ascent_group_size=config.ascent_group_size)),
         in_shardings=(replicated, replicated, sharded, sharded),
         out_shardings=(replicated, replicated), donate_argnums=(0, 1))
     permutation = jax.jit(functools.partial(trainer.epoch_permutation, num_shards=num_shards,
                                             shard_size=shard_size), out_shardings=sharded)
-    eval_step = trainer.make_eval_step(model, normalize_fn, dataset.num_classes)
-
-    train_split, eval_splits = device_splits(dataset, config, mesh)
-    eval_name = dataset.eval_split  # 'test', or 'validation' held out of train
+    eval_step = trainer.make_eval_step(model, normalize_fn, run_data.num_classes)
+    train_split, eval_name = run_data.train, run_data.eval_name  # 'test' or 'validation'
 
     manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
     state = checkpointing.restore_latest(manager, state)
     start_step = int(state.step)
     if main_process:  # one writer per run; every process saves its part of checkpoints
         workdir_lib.save_config(workdir, config)
-        save_noise_audit(workdir, dataset)
+        input_pipeline.save_noise_audit(os.path.join(workdir, 'label_noise.npz'), run_data)
     if start_step:
         logging.info('Resuming from step %d in %s.', start_step, workdir)
     writer = metrics.MetricWriter(workdir, start_step=start_step, write_files=main_process)
@@ -194,8 +176,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     def evaluate_all(step):
         record = {'epoch': step / epoch_steps}
-        for name, split in eval_splits.items():
-            sums = trainer.evaluate(eval_step, state.params, state.batch_stats, split)
+        for name, split in run_data.evals.items():
+            sums = trainer.evaluate(eval_step, state.params, state.batch_stats, split,
+                                    config.eval_batch_size)
             record.update(_eval_record(name, sums))
         record['elapsed_s'] = elapsed_before + time.time() - start_time
         return writer.write(step, record)
@@ -250,34 +233,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if main_process:
         metrics.write_summary(workdir, summary)
     return summary
-
-
-def device_splits(dataset, config, mesh) -> tuple[trainer.Split, dict[str, list]]:
-    """The whole train split on the devices, and the evaluation splits as padded batches.
-
-    The train split is laid out as one strided shard per device (each device, and so each
-    process, places only its own shards). Evaluation batches are split over the devices
-    when the batch size allows, else replicated. Evaluation always covers the held-out split
-    (named ``dataset.eval_split``) and, with ``config.eval_train``, the un-augmented train
-    split (``'train_eval'``), scored against the labels trained on and the true labels.
-    """
-    train = distributed.put(trainer.shard_split(
-        dataset.train_images, dataset.train_labels, dataset.train_true_labels, mesh.size),
-        distributed.sharded(mesh))
-
-    def place(batches):
-        sharding = (distributed.sharded(mesh) if len(batches[0].labels) % mesh.size == 0
-                    else distributed.replicated(mesh))
-        return [distributed.put(batch, sharding) for batch in batches]
-
-    evals = {dataset.eval_split: place(trainer.batch_for_eval(
-        dataset.test_images, dataset.test_labels, dataset.test_labels,
-        config.eval_batch_size))}
-    if config.eval_train:
-        evals['train_eval'] = place(trainer.batch_for_eval(
-            dataset.train_images, dataset.train_labels, dataset.train_true_labels,
-            config.eval_batch_size))
-    return train, evals
 
 
 def make_summary(config, state, history: list[dict], eval_name: str, num_steps: int) -> dict:

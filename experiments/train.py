@@ -36,7 +36,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-    logging.set_verbosity(logging.WARNING)
+    if not flags.FLAGS['verbosity'].present:  # quiet by default; --verbosity=0 shows INFO
+        logging.set_verbosity(logging.WARNING)
     with cli.exit_on_run_errors():
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                timeout_s=_DISTRIBUTED_TIMEOUT.value)

@@ -4,8 +4,9 @@ In the order a run uses them: :func:`make_schedule`, :func:`make_optimizer` (the
 ``vasso_jax`` link, weight decay, SGD: what a user writes), :func:`create_train_state`,
 :func:`epoch_permutation`, :func:`make_train_step` (one jitted step: gather the batch from the
 on-device split, augment, two passes, accumulate metrics), :func:`make_eval_step` and
-:func:`evaluate` (padded batches with a mask) and :func:`params_checksum`. Nothing here touches
-files or the clock; the loop that does lives in ``experiments/loop.py``.
+:func:`evaluate` (batches of the on-device split, padding masked) and
+:func:`params_checksum`. Nothing here touches files or the clock; the loop that does lives
+in ``experiments/loop.py``.
 
 Reproducibility contract (what resuming relies on): the whole run is a function of the config.
 The data order of epoch ``e`` is ``permutation(fold_in(data_key, e))``, the batch of step ``s``
@@ -14,6 +15,7 @@ dropout) come from ``fold_in(state.rng, s)``; so a state restored at step ``s`` 
 exactly.
 """
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -78,12 +80,16 @@ class Split(NamedTuple):
 
 
 class EvalSplit(NamedTuple):
-    """One evaluation batch, padded to the batch size, with a 0/1 mask."""
+    """A split to evaluate, laid out as ``S`` shards like :class:`Split`, with a 0/1 mask.
 
-    images: Any  # [b, H, W, C] uint8
-    labels: Any  # [b] int32
-    true_labels: Any  # [b] int32
-    mask: Any  # [b] float32: 1 for a real example, 0 for padding
+    Shard ``k`` holds examples ``k, k + S, ...``; the shards are padded to the same length
+    ``m`` with mask 0 (see :func:`eval_rows`), so every example counts exactly once.
+    """
+
+    images: Any  # [S, m, H, W, C] uint8
+    labels: Any  # [S, m] int32
+    true_labels: Any  # [S, m] int32
+    mask: Any  # [S, m] float32: 1 for a real example, 0 for padding
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -234,12 +240,31 @@ def summarize_train_metrics(sums: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def shard_rows(num_examples: int, num_shards: int) -> np.ndarray:
+    """``[S, n]`` example indices of the ``S`` training shards: shard ``k`` is examples
+    ``k, k + S, ..., k + (n - 1) S`` with ``n = num_examples // S`` (a remainder of fewer
+    than ``S`` examples is not trained on)."""
+    n = num_examples // num_shards
+    return np.arange(n * num_shards).reshape(n, num_shards).T
+
+
+def eval_rows(num_examples: int, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, mask)``, both ``[S, m]``: the strided shards of an evaluation split.
+
+    ``m = ceil(num_examples / S)``; every example appears once with mask 1, and the
+    padding (at most ``S - 1`` slots) repeats example 0 with mask 0.
+    """
+    m = -(-num_examples // num_shards)
+    index = np.arange(m * num_shards).reshape(m, num_shards).T
+    mask = index < num_examples
+    return np.where(mask, index, 0), mask.astype(np.float32)
+
+
 def shard_split(images: np.ndarray, labels: np.ndarray, true_labels: np.ndarray,
                 num_shards: int) -> Split:
-    """Host arrays laid out as ``num_shards`` strided shards (a remainder is dropped)."""
-    n = len(labels) // num_shards
-    take = lambda x: np.stack([x[k:n * num_shards:num_shards] for k in range(num_shards)])
-    return Split(take(images), take(labels.astype(np.int32)), take(true_labels.astype(np.int32)))
+    """Host arrays laid out as the ``num_shards`` strided shards of :func:`shard_rows`."""
+    rows = shard_rows(len(labels), num_shards)
+    return Split(images[rows], labels[rows].astype(np.int32), true_labels[rows].astype(np.int32))
 
 
 def epoch_permutation(data_key: jax.Array, epoch, num_shards: int, shard_size: int):
@@ -371,57 +396,58 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs,
     return train_step
 
 
-def batch_for_eval(images: np.ndarray, labels: np.ndarray, true_labels: np.ndarray,
-                   batch_size: int) -> list[EvalSplit]:
-    """Cuts a split into batches of exactly ``batch_size``; the last is padded, with mask 0.
-
-    Every split evaluated with the same ``batch_size`` has the same batch shape, so one
-    compiled :func:`make_eval_step` serves them all.
-    """
-    n = len(labels)
-    num_batches = -(-n // batch_size)
-    pad = num_batches * batch_size - n
-
-    def padded(x, dtype):
-        x = np.asarray(x, dtype)
-        return np.concatenate([x, np.zeros((pad, *x.shape[1:]), dtype)])
-
-    whole = EvalSplit(padded(images, np.uint8), padded(labels, np.int32),
-                      padded(true_labels, np.int32), padded(np.ones(n), np.float32))
-    return [EvalSplit(*(x[i * batch_size:(i + 1) * batch_size] for x in whole))
-            for i in range(num_batches)]
-
-
 EVAL_SUMS = ('count', 'loss', 'correct', 'correct_true')
 
 
-def make_eval_step(model, normalize_fn: Callable, num_classes: int) -> Callable:
-    """Returns jitted ``eval_step(params, batch_stats, sums, batch: EvalSplit) -> sums``.
+def eval_batch_rows(global_batch_size: int, num_shards: int, shard_length: int) -> int:
+    """Rows per shard of one evaluation batch: ``global_batch_size / S``, rounded up and at
+    most the shard length."""
+    return max(1, min(shard_length, -(-global_batch_size // num_shards)))
 
-    Adds one batch's masked sums to ``sums`` (:data:`EVAL_SUMS`: ``count``, ``loss``,
-    ``correct`` against ``labels``, ``correct_true``) on device; padding counts for nothing.
+
+def make_eval_step(model, normalize_fn: Callable, num_classes: int) -> Callable:
+    """Returns jitted ``eval_step(params, batch_stats, sums, split, j, *, rows) -> sums``.
+
+    Adds the masked sums of batch ``j`` of an on-device :class:`EvalSplit` to ``sums``
+    (:data:`EVAL_SUMS`: ``count``, ``loss``, ``correct`` against ``labels``,
+    ``correct_true``). Batch ``j`` is rows ``[j * rows, (j + 1) * rows)`` of every shard; the
+    last batch is shifted back to stay inside the shard and counts only its new rows, so
+    every split with the same shapes shares one compilation and each device reads only the
+    shard it holds.
     """
 
-    @jax.jit
-    def eval_step(params, batch_stats, sums, batch: EvalSplit):
+    @functools.partial(jax.jit, static_argnames='rows')
+    def eval_step(params, batch_stats, sums, split: EvalSplit, j, *, rows: int):
+        num_shards, length = split.labels.shape
+        start = jnp.minimum(j * rows, length - rows)
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, rows, axis=1)
+        batch = EvalSplit(*(take(x) for x in split))
+        fresh = (start + jnp.arange(rows) >= j * rows).astype(jnp.float32)
+        mask = (batch.mask * fresh).reshape(-1)
+        flat = lambda x: x.reshape(num_shards * rows, *x.shape[2:])
         logits = model.apply({'params': params, 'batch_stats': batch_stats},
-                             normalize_fn(batch.images), train=False)
+                             normalize_fn(flat(batch.images)), train=False)
         predictions = jnp.argmax(logits, axis=-1)
-        losses = cross_entropy(logits, batch.labels, num_classes)
-        batch_sums = {'count': jnp.sum(batch.mask),
-                      'loss': jnp.sum(losses * batch.mask),
-                      'correct': jnp.sum((predictions == batch.labels) * batch.mask),
-                      'correct_true': jnp.sum((predictions == batch.true_labels) * batch.mask)}
+        labels, true_labels = flat(batch.labels), flat(batch.true_labels)
+        losses = cross_entropy(logits, labels, num_classes)
+        batch_sums = {'count': jnp.sum(mask),
+                      'loss': jnp.sum(losses * mask),
+                      'correct': jnp.sum((predictions == labels) * mask),
+                      'correct_true': jnp.sum((predictions == true_labels) * mask)}
         return {k: sums[k] + batch_sums[k] for k in EVAL_SUMS}
 
     return eval_step
 
 
-def evaluate(eval_step: Callable, params, batch_stats, batches: Sequence[EvalSplit]) -> dict:
-    """Sums of :func:`make_eval_step` over all ``batches``, left on device (no host sync)."""
+def evaluate(eval_step: Callable, params, batch_stats, split: EvalSplit,
+             batch_size: int) -> dict:
+    """Sums of :func:`make_eval_step` over all of ``split`` in global batches of about
+    ``batch_size``, left on device (no host sync)."""
+    num_shards, length = split.labels.shape
+    rows = eval_batch_rows(batch_size, num_shards, length)
     sums = {k: jnp.zeros((), jnp.float32) for k in EVAL_SUMS}
-    for batch in batches:
-        sums = eval_step(params, batch_stats, sums, batch)
+    for j in range(-(-length // rows)):
+        sums = eval_step(params, batch_stats, sums, split, j, rows=rows)
     return sums
 
 

@@ -1,14 +1,16 @@
 """CIFAR-10, CIFAR-100 and CIFAR-10N as in-memory uint8 NumPy arrays, via `tfds.data_source`.
 
 `tfds.data_source` reads prepared ArrayRecord files with random access and needs no
-TensorFlow. A whole split (50,000 32x32x3 images, 150 MB) is read once, in chunks, so the
-trainer can put it on the device and augment there.
+TensorFlow. A split is opened, not read: the trainer reads (in chunks) just the rows of its
+own data shards (the whole split, 50,000 32x32x3 images or 150 MB, on one process), puts them
+on the device once and augments there.
 
 Nothing is ever downloaded: training machines may be offline, and a silent multi-minute
 download (or a half-written data_dir) is worse than a one-line error that names the fix.
 """
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -59,25 +61,32 @@ def open_split(name: str, split: str, data_dir: str | os.PathLike | None = None)
         raise DatasetNotFoundError(_prepare_hint(name, data_dir)) from e
 
 
-def read_split(source, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Reads the fields `keys` of every example of a data source into stacked arrays."""
+def read_rows(source, rows, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Reads the fields `keys` of the examples ``rows`` (any order) into stacked arrays.
+
+    Only those records are read and decoded, so a process of a multi-host run reads just
+    its own shards of a split.
+    """
+    rows = np.asarray(rows, np.int64).reshape(-1)
     columns = {key: [] for key in keys}
-    for start in range(0, len(source), _CHUNK):
+    for start in range(0, len(rows), _CHUNK):
         # Batched reads: ArrayRecord fetches a list of records in parallel threads.
-        records = list(range(start, min(start + _CHUNK, len(source))))
-        for example in source.__getitems__(records):
+        for example in source.__getitems__(rows[start:start + _CHUNK].tolist()):
             for key in keys:
                 columns[key].append(example[key])
     return {key: np.stack(values) for key, values in columns.items()}
 
 
-def load_cifar(
+def open_cifar(
     name: str,
     *,
     data_dir: str | os.PathLike | None = None,
     human_label: str = 'worse_label',
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
-    """Loads the train and test splits of a prepared CIFAR dataset into memory.
+) -> tuple[tuple[int, Callable], tuple[int, Callable], int]:
+    """Opens the train and test splits of a prepared CIFAR dataset for reading by row.
+
+    Nothing is read yet: each split comes as ``(size, read)``, where ``read(rows)``
+    decodes just the examples ``rows``.
 
     Args:
       name: ``'cifar10'``, ``'cifar100'`` or ``'cifar10_n'``.
@@ -86,9 +95,9 @@ def load_cifar(
         `HUMAN_LABELS`.
 
     Returns:
-      ``(train, test, num_classes)``; each split is a dict with ``'image'`` (N, 32, 32, 3)
-      uint8 and the clean ``'label'`` (N,) int32; cifar10_n's train split also has
-      ``'noisy_label'`` (N,) int32, the chosen human labels.
+      ``((train_size, read_train), (test_size, read_test), num_classes)``; ``read`` returns
+      a dict with ``'image'`` (len(rows), 32, 32, 3) uint8 and the clean ``'label'`` int32;
+      cifar10_n's train split also has ``'noisy_label'`` int32, the chosen human labels.
 
     Raises:
       DatasetNotFoundError: the dataset is not prepared as ArrayRecord under `data_dir`.
@@ -97,12 +106,18 @@ def load_cifar(
         raise ValueError(f'Unknown CIFAR dataset {name!r}; choose one of {sorted(NUM_CLASSES)}.')
     if name == 'cifar10_n' and human_label not in HUMAN_LABELS:
         raise ValueError(f'Unknown cifar10_n label {human_label!r}; choose one of {HUMAN_LABELS}.')
+
+    def opened(split, keys):
+        source = open_split(name, split, data_dir)
+
+        def read(rows):
+            columns = read_rows(source, rows, keys)
+            columns['label'] = columns['label'].astype(np.int32)
+            if human_label in columns:
+                columns['noisy_label'] = columns.pop(human_label).astype(np.int32)
+            return columns
+
+        return len(source), read
+
     train_keys = ('image', 'label', human_label) if name == 'cifar10_n' else ('image', 'label')
-    splits = {}
-    for split, keys in (('train', train_keys), ('test', ('image', 'label'))):
-        columns = read_split(open_split(name, split, data_dir), keys)
-        columns['label'] = columns['label'].astype(np.int32)
-        if name == 'cifar10_n' and split == 'train':
-            columns['noisy_label'] = columns.pop(human_label).astype(np.int32)
-        splits[split] = columns
-    return splits['train'], splits['test'], NUM_CLASSES[name]
+    return opened('train', train_keys), opened('test', ('image', 'label')), NUM_CLASSES[name]

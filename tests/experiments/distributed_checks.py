@@ -10,7 +10,8 @@ import optax
 from jax.sharding import Mesh
 
 import vasso_jax
-from experiments import distributed, models, trainer
+from experiments import data, distributed, input_pipeline, models, trainer
+from experiments.configs import digits_resnet
 
 BATCH, STEPS, RHO, LR = 16, 2, 0.05, 0.01
 
@@ -115,8 +116,50 @@ def check_group_step_matches_per_group_reference():
     assert diff > 1e-3, diff
 
 
+def check_input_pipeline_matches_the_whole_dataset():
+    """Per-device shards, labels, noise and statistics as if read whole, on 8 devices."""
+    config = digits_resnet.get_config()
+    config.label_noise, config.noise_seed, config.eval_train = 0.3, 5, True
+    mesh = distributed.make_mesh()
+    run_data = input_pipeline.load(config, mesh)
+    whole = data.load_dataset('digits', label_noise=0.3, noise_seed=5)
+    # 1438 training examples: 8 shards of 179, 6 left over (never trained on, but counted in
+    # the labels' noise and the normalisation statistics, so those do not depend on the
+    # device count).
+    want = trainer.shard_split(whole.train_images, whole.train_labels,
+                               whole.train_true_labels, 8)
+    for got, expected in zip(run_data.train, want, strict=True):
+        assert got.sharding.is_equivalent_to(distributed.sharded(mesh), got.ndim)
+        np.testing.assert_array_equal(np.asarray(got), expected)
+    np.testing.assert_array_equal(run_data.labels, whole.train_labels)
+    np.testing.assert_array_equal(run_data.true_labels, whole.train_true_labels)
+    np.testing.assert_array_equal(run_data.mean, whole.mean)
+    np.testing.assert_array_equal(run_data.std, whole.std)
+    test = run_data.evals['test']
+    mask = np.asarray(test.mask)
+    assert mask.shape == (8, 45) and mask.sum() == len(whole.test_labels) == 359
+    np.testing.assert_array_equal(
+        np.sort(np.asarray(test.labels)[mask == 1]), np.sort(whole.test_labels))
+    assert run_data.images_read == 1438 + 8 * 45  # one process: every shard, padding too
+
+    # Evaluation on the mesh counts each example once and equals a single-device pass.
+    model = models.get_model('resnet18', 10, width=4)
+    state = trainer.create_train_state(model, optax.sgd(0.1), image_shape=(8, 8, 1),
+                                       init_key=jax.random.key(0), augment_key=jax.random.key(1))
+    normalize = lambda x: (x.astype(jnp.float32) / 255.0 - run_data.mean) / run_data.std
+    eval_step = trainer.make_eval_step(model, normalize, 10)
+    for name, split in run_data.evals.items():
+        sums = jax.device_get(trainer.evaluate(eval_step, state.params, state.batch_stats,
+                                               split, 64))
+        single = jax.device_get(trainer.evaluate(
+            eval_step, state.params, state.batch_stats, jax.device_get(split), 64))
+        assert sums['count'] == (359 if name == 'test' else 1432), (name, sums['count'])
+        close(sums, single, tol=1e-4)
+
+
 def main():
     assert len(jax.devices()) == 8, jax.devices()
+    check_input_pipeline_matches_the_whole_dataset()
     check_sharded_step_equals_single_device()
     check_group_size_is_device_independent()
     check_group_step_matches_per_group_reference()

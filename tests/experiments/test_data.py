@@ -93,7 +93,9 @@ def test_validation_split_holds_out_the_last_examples(mock_tfds, tmp_path, name)
 
 def test_mocked_cifar10_n_trains_on_human_labels(mock_tfds, tmp_path):
     ds = data.load_dataset('cifar10_n', data_dir=tmp_path)
-    train, _, _ = cifar.load_cifar('cifar10_n', data_dir=tmp_path, human_label='aggre_label')
+    (size, read), _, _ = cifar.open_cifar('cifar10_n', data_dir=tmp_path,
+                                          human_label='aggre_label')
+    train = read(np.arange(size))
     assert ds.num_classes == 10 and ds.train_labels.dtype == np.int32
     np.testing.assert_array_equal(ds.train_true_labels, train['label'])
     # The mock draws every field at random, so the human labels differ from the clean ones.
@@ -122,6 +124,49 @@ def test_real_array_record_dataset(prepared_cifar10, monkeypatch):
     np.testing.assert_array_equal(ds.test_labels, written['test'][1])
     expected_mean = written['train'][0].reshape(-1, 3).mean(0) / 255
     np.testing.assert_allclose(ds.mean, expected_mean, rtol=1e-6)
+
+
+def test_open_dataset_reads_only_the_rows_asked_for(prepared_cifar10, monkeypatch):
+    data_dir, written = prepared_cifar10
+    opened = cifar.open_split
+    asked = []
+
+    class Recording:  # the real ArrayRecord source, with every record key it is asked for
+        def __init__(self, source):
+            self.source = source
+
+        def __len__(self):
+            return len(self.source)
+
+        def __getitems__(self, keys):
+            asked.extend(keys)
+            return self.source.__getitems__(keys)
+
+    monkeypatch.setattr(cifar, 'open_split', lambda *args: Recording(opened(*args)))
+    monkeypatch.setattr(cifar, '_CHUNK', 2)
+    source = data.open_dataset('cifar10', data_dir=data_dir, validation_size=4)
+    assert asked == []  # opening reads nothing
+    num_train = len(written['train'][1]) - 4
+    assert (source.num_train, source.num_eval, source.eval_split) == (num_train, 4, 'validation')
+    rows = np.array([7, 2, 11])
+    train = source.read_train(rows)
+    np.testing.assert_array_equal(train['image'], written['train'][0][rows])
+    np.testing.assert_array_equal(train['label'], written['train'][1][rows])
+    assert asked == rows.tolist()
+    held_out = source.read_eval([3, 0])  # the last 4 training examples
+    expected = written['train'][0][[num_train + 3, num_train]]
+    np.testing.assert_array_equal(held_out['image'], expected)
+    assert sorted(held_out) == ['image', 'label']
+    with pytest.raises(IndexError, match=r'rows must be in \[0, 4\)'):
+        source.read_eval([4])
+
+
+def test_pixel_counts_add_up_across_shards():
+    images = np.random.default_rng(0).integers(0, 256, (12, 4, 4, 3), dtype=np.uint8)
+    counts = data.pixel_counts(images[:5]) + data.pixel_counts(images[5:])
+    assert counts.shape == (3, 256) and counts.sum() == images.size
+    for got, want in zip(data.stats_from_counts(counts), data.channel_stats(images)):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize('name', ['cifar10', 'cifar100', 'cifar10_n'])

@@ -43,13 +43,14 @@ def test_two_processes_over_loopback_match_one_process(tmp_path):
     address = f'127.0.0.1:{free_port()}'
     procs = [subprocess.Popen(
         cli_command([*args, '--workdir', str(tmp_path / 'two'), f'--coordinator_address={address}',
-                     '--num_processes=2', f'--process_id={i}', '--distributed_timeout_s=120'],
+                     '--num_processes=2', f'--process_id={i}', '--distributed_timeout_s=120',
+                     '--verbosity=0'],
                     mock_examples=64),
         cwd=REPO, env=cli_env(devices_env(2)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True) for i in range(2)]
     try:
-        one = run_cli([*args, '--workdir', str(tmp_path / 'one')], mock_examples=64,
-                      env=devices_env(4))
+        one = run_cli([*args, '--workdir', str(tmp_path / 'one'), '--verbosity=0'],
+                      mock_examples=64, env=devices_env(4))
         outs = [p.communicate(timeout=600) for p in procs]
     finally:
         for p in procs:  # never leave a process behind, whatever failed
@@ -62,6 +63,10 @@ def test_two_processes_over_loopback_match_one_process(tmp_path):
     assert two['steps'] == ref['steps'] == 4
     assert two['final_train_loss'] == pytest.approx(ref['final_train_loss'], rel=1e-3)
     assert two['final_test_accuracy'] == pytest.approx(ref['final_test_accuracy'], rel=1e-3)
+    # Each process reads only its 2 of the 4 data shards of both splits (64 + 64 examples).
+    assert 'Process 0 read 128 images (its 4 of the 4 data shards)' in one.stderr
+    for i, (_, err) in enumerate(outs):
+        assert f'Process {i} read 64 images (its 2 of the 4 data shards)' in err, err[-3000:]
     # Only process 0 writes the metrics: one record per log/eval step, not two.
     steps = [r['step'] for r in map(json.loads, open(tmp_path / 'two' / 'metrics.jsonl'))]
     assert len(steps) == len([r for r in map(json.loads, open(tmp_path / 'one' / 'metrics.jsonl'))])

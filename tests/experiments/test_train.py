@@ -132,13 +132,23 @@ def test_data_order_is_a_function_of_seed_and_epoch():
     assert not np.array_equal(first, trainer.epoch_permutation(data_key, 4, 2, 25))
 
 
-def test_eval_pads_the_last_batch_and_drops_nothing():
-    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+def test_shard_layouts_cover_each_example_once():
+    np.testing.assert_array_equal(trainer.shard_rows(7, 3), [[0, 3], [1, 4], [2, 5]])
+    rows, mask = trainer.eval_rows(7, 3)
+    np.testing.assert_array_equal(rows, [[0, 3, 6], [1, 4, 0], [2, 5, 0]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1], [1, 1, 0], [1, 1, 0]])
+    assert sorted(rows[mask == 1].tolist()) == list(range(7))
+
+
+@pytest.mark.parametrize('num_shards, batch_size', [(1, 4), (3, 4), (3, 100), (2, 3)])
+def test_eval_counts_every_example_once(num_shards, batch_size):
+    """The sums over the sharded split equal a NumPy reference over the plain split."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 1, 1, 2), dtype=np.uint8)
     labels = np.arange(10) % 3
-    batches = trainer.batch_for_eval(images, labels, labels, batch_size=4)
-    assert [b.images.shape for b in batches] == [(4, 1, 1, 1)] * 3
-    np.testing.assert_array_equal(np.concatenate([b.mask for b in batches]), [1] * 10 + [0] * 2)
-    np.testing.assert_array_equal(np.concatenate([b.labels for b in batches])[:10], labels)
+    true_labels = (labels + (np.arange(10) % 4 == 0)) % 3
+    rows, mask = trainer.eval_rows(10, num_shards)
+    split = trainer.EvalSplit(images[rows], labels[rows], true_labels[rows], mask)
 
     class Linear(nn.Module):
         @nn.compact
@@ -146,11 +156,17 @@ def test_eval_pads_the_last_batch_and_drops_nothing():
             return nn.Dense(3)(x.reshape(len(x), -1))
 
     model = Linear()
-    params = model.init(jax.random.key(0), jnp.zeros((1, 1, 1, 1)), train=False)['params']
+    params = model.init(jax.random.key(0), jnp.zeros((1, 1, 1, 2)), train=False)['params']
     eval_step = trainer.make_eval_step(model, lambda x: x / 255.0, 3)
-    sums = trainer.evaluate(eval_step, params, {}, batches)
-    assert float(sums['count']) == 10.0
-    assert float(sums['correct']) == float(sums['correct_true'])
+    sums = jax.device_get(trainer.evaluate(eval_step, params, {}, split, batch_size))
+
+    kernel, bias = (np.asarray(params['Dense_0'][k], np.float64) for k in ('kernel', 'bias'))
+    logits = images.reshape(10, -1) / 255.0 @ kernel + bias
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    assert sums['count'] == 10.0
+    np.testing.assert_allclose(sums['loss'], -log_probs[np.arange(10), labels].sum(), rtol=1e-5)
+    assert sums['correct'] == np.sum(logits.argmax(1) == labels)
+    assert sums['correct_true'] == np.sum(logits.argmax(1) == true_labels)
 
 
 def test_params_checksum_sees_every_bit():

@@ -56,8 +56,8 @@ class MetricWriter:
         self.history = read_history(workdir, up_to_step=start_step)
         self._tb = None
         if write_files:
-            with open(self.path, 'w') as f:
-                f.writelines(json.dumps(r) + '\n' for r in self.history)
+            # Rewritten beside and renamed over: a crash here never loses the history.
+            _write_atomically(self.path, ''.join(json.dumps(r) + '\n' for r in self.history))
             self._tb = tensorboardX.SummaryWriter(
                 os.path.join(workdir, 'tensorboard'), purge_step=start_step or None)
 
@@ -94,11 +94,19 @@ def best(history: Iterable[dict], key: str, default=None):
     return max(values) if values else default
 
 
+def _write_atomically(path: str, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
+    temporary = f'{path}.tmp'
+    with open(temporary, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
 def write_summary(workdir: str, summary: dict) -> str:
     path = os.path.join(workdir, SUMMARY_FILE)
-    with open(path, 'w') as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
-        f.write('\n')
+    _write_atomically(path, json.dumps(summary, indent=2, sort_keys=True) + '\n')
     return path
 
 

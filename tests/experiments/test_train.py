@@ -323,6 +323,27 @@ def test_resume_drops_history_written_after_the_checkpoint(tmp_path):
     assert [r['step'] for r in metrics.read_history(str(tmp_path))] == [1, 2]
 
 
+def test_a_crash_while_resuming_keeps_the_metrics(tmp_path, monkeypatch):
+    writer = metrics.MetricWriter(str(tmp_path))
+    for step in (1, 2, 3):
+        writer.write(step, {'train_loss': float(step)})
+    writer.close()
+    before = (tmp_path / 'metrics.jsonl').read_text()
+    real_dumps = json.dumps
+    calls = []
+
+    def dumps_then_crash(record, *args, **kwargs):  # dies half-way through the rewrite
+        calls.append(record)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_dumps(record, *args, **kwargs)
+
+    monkeypatch.setattr(metrics.json, 'dumps', dumps_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        metrics.MetricWriter(str(tmp_path), start_step=3)
+    assert (tmp_path / 'metrics.jsonl').read_text() == before
+
+
 # --------------------------------------------------------------------------- the CLI
 
 @pytest.mark.slow

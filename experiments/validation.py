@@ -198,6 +198,11 @@ def _check_model(config) -> None:
             f'model_kwargs.{unknown[0]}',
             f'is not an argument of {config.model}; valid: {", ".join(fields)}.',
         )
+    for key, fixed in models.named_kwargs(config.model).items():
+        if key in kwargs and kwargs[key] != fixed:  # a named architecture's own values
+            _fail(f'model_kwargs.{key}', f'={kwargs[key]!r} contradicts --config.model='
+                  f'{config.model} ({key}={fixed!r}); use --config.model=wrn or pyramidnet '
+                  f'to set {key}.')
     _check_architecture(models.get_model(config.model, 10, **kwargs))
 
 

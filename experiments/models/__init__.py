@@ -34,6 +34,12 @@ _REGISTRY = {
 MODEL_NAMES = tuple(_REGISTRY)
 
 
+def named_kwargs(name: str) -> dict:
+    """The architecture values that model ``name`` fixes (e.g. ``'wrn28_10'``: depth 28,
+    widen factor 10); kwargs may repeat them but not change them."""
+    return dict(_REGISTRY[name][1])
+
+
 def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Returns the model called ``name`` with ``num_classes`` outputs.
 
@@ -45,16 +51,23 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         ``'pyramidnet110'`` (alpha 270), ``'pyramidnet272'`` (bottleneck, alpha 200) (all
         PyramidNets: ``base_width``).
       num_classes: number of output logits.
-      **kwargs: attributes of the model class, overriding the name's defaults; every model
+      **kwargs: attributes of the model class; a named architecture's own values (e.g.
+        ``'wrn28_10'``'s depth and widen factor) may be repeated but not changed. Every model
         accepts ``dtype`` (compute dtype, e.g. ``jnp.bfloat16``).
 
     Returns:
       An unbound ``flax.linen.Module``.
 
     Raises:
-      ValueError: for an unknown ``name``.
+      ValueError: for an unknown ``name``, or a kwarg that contradicts it.
     """
     if name not in _REGISTRY:
         raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}.')
     constructor, defaults = _REGISTRY[name]
+    for key, value in kwargs.items():
+        if value != defaults.get(key, value):
+            generic = 'wrn' if constructor is wide_resnet.WideResNet else 'pyramidnet'
+            raise ValueError(
+                f'Model {name!r} has {key}={defaults[key]!r}, not {value!r}; use {generic!r} '
+                f'to set {key}.')
     return constructor(num_classes=num_classes, **{**defaults, **kwargs})

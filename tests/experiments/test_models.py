@@ -18,8 +18,8 @@ TINY = {
     'wrn28_10': {'base_width': 1},
     'wrn16_4': {'base_width': 2},
     'pyramidnet': {'depth': 8, 'alpha': 6, 'base_width': 2},
-    'pyramidnet110': {'base_width': 2, 'alpha': 12},
-    'pyramidnet272': {'base_width': 2, 'alpha': 6},
+    'pyramidnet110': {'base_width': 2},
+    'pyramidnet272': {'base_width': 2},
 }
 DIGITS = (3, 8, 8, 1)  # sklearn digits
 CIFAR = (3, 32, 32, 3)
@@ -186,6 +186,15 @@ def test_dropout_uses_the_dropout_key_and_is_off_in_eval():
 def test_unknown_model_name_lists_valid_names():
     with pytest.raises(ValueError, match="Unknown model 'resnet50'; valid names: resnet18, "):
         models.get_model('resnet50', num_classes=10)
+
+
+def test_a_named_architecture_cannot_be_changed_by_its_kwargs():
+    with pytest.raises(ValueError, match="Model 'wrn28_10' has depth=28, not 16; use 'wrn'"):
+        models.get_model('wrn28_10', 10, depth=16)
+    with pytest.raises(ValueError, match="'pyramidnet110' has alpha=270, not 48; use 'pyram"):
+        models.get_model('pyramidnet110', 10, alpha=48)
+    same = models.get_model('wrn28_10', 10, depth=28, widen_factor=10, dropout_rate=0.3)
+    assert (same.depth, same.widen_factor, same.dropout_rate) == (28, 10, 0.3)
 
 
 @pytest.mark.parametrize('module,match', [

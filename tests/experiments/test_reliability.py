@@ -408,6 +408,12 @@ BAD_CONFIGS = [
         f'--config.model_kwargs.width is not an argument of wrn; valid: {WRN_KWARGS}.',
     ),
     (
+        'named model kwarg',
+        {'model': 'wrn16_4', 'model_kwargs.depth': 10},
+        '--config.model_kwargs.depth=10 contradicts --config.model=wrn16_4 (depth=16); use '
+        '--config.model=wrn or pyramidnet to set depth.',
+    ),
+    (
         'dtype',
         {'model_kwargs.dtype': 'float33'},
         "--config.model_kwargs.dtype='float33' is not a dtype; use float32 or bfloat16.",

@@ -15,7 +15,7 @@ Grids:
   ``digits``: the offline study: 8x8 digits, noise 0/20/40/60%, SGD/SAM/VaSSO, 3 seeds,
     minutes on a CPU.
 
-``digits`` takes about 40 minutes on two CPU cores; the CIFAR grids are for GPUs (54, 36 and 9
+``digits`` takes about 30 minutes on two CPU cores; the CIFAR grids are for GPUs (54, 36 and 9
 runs of 200 epochs) and are meant to be split with ``--shard``.
 """
 
@@ -153,7 +153,7 @@ GRIDS: dict[str, Grid] = {
             'SGD/SAM/VaSSO, 3 seeds, 30 epochs (CPU minutes).',
             configs=('digits_resnet',),
             label_noise=(0.0, 0.2, 0.4, 0.6),
-            # 30 epochs, not the demo's 40, so the 36 runs fit in ~40 minutes on two cores.
+            # 30 epochs, not the demo's 40, so the 36 runs fit in ~30 minutes on two cores.
             overrides={**_LOG_STABILITY, 'num_epochs': 30},
             diagnostics=Diagnostics(num_examples=256, num_iters=20, m=16),
         ),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,26 +36,35 @@ def test_trainer_on_8_simulated_devices():
     assert 'distributed trainer checks passed' in proc.stdout
 
 
+def start_two_processes(args, workdir):
+    address = f'127.0.0.1:{free_port()}'
+    return [subprocess.Popen(
+        cli_command([*args, '--workdir', str(workdir), f'--coordinator_address={address}',
+                     '--num_processes=2', f'--process_id={i}', '--distributed_timeout_s=120'],
+                    mock_examples=64),
+        cwd=REPO, env=cli_env(devices_env(2)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+
+
+def finish(procs, timeout=300):
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:  # never leave a process behind, whatever failed
+            p.kill()
+
+
 @pytest.mark.slow
 def test_two_processes_over_loopback_match_one_process(tmp_path):
     args = ['--config', 'experiments/configs/cifar10_resnet18.py', '--config.num_train_steps=4',
             '--config.batch_size=16', '--config.eval_batch_size=16', '--config.log_every_steps=2',
-            *TINY]
-    address = f'127.0.0.1:{free_port()}'
-    procs = [subprocess.Popen(
-        cli_command([*args, '--workdir', str(tmp_path / 'two'), f'--coordinator_address={address}',
-                     '--num_processes=2', f'--process_id={i}', '--distributed_timeout_s=120',
-                     '--verbosity=0'],
-                    mock_examples=64),
-        cwd=REPO, env=cli_env(devices_env(2)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for i in range(2)]
+            '--verbosity=0', *TINY]
+    procs = start_two_processes(args, tmp_path / 'two')
     try:
-        one = run_cli([*args, '--workdir', str(tmp_path / 'one'), '--verbosity=0'],
-                      mock_examples=64, env=devices_env(4))
-        outs = [p.communicate(timeout=600) for p in procs]
+        one = run_cli([*args, '--workdir', str(tmp_path / 'one')], mock_examples=64,
+                      env=devices_env(4))
     finally:
-        for p in procs:  # never leave a process behind, whatever failed
-            p.kill()
+        outs = finish(procs)
     assert one.returncode == 0, one.stderr[-3000:]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -70,6 +80,46 @@ def test_two_processes_over_loopback_match_one_process(tmp_path):
     # Only process 0 writes the metrics: one record per log/eval step, not two.
     steps = [r['step'] for r in map(json.loads, open(tmp_path / 'two' / 'metrics.jsonl'))]
     assert len(steps) == len([r for r in map(json.loads, open(tmp_path / 'one' / 'metrics.jsonl'))])
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(tmp_path):
+    """Preemption of one host: every process checkpoints the same step; the rerun finishes."""
+    args = ['--config', 'experiments/configs/cifar10_resnet18.py', '--config.num_train_steps=24',
+            '--config.batch_size=16', '--config.log_every_steps=2',
+            '--config.checkpoint_every_steps=1000', '--config.eval_every_steps=1000', *TINY]
+    workdir = tmp_path / 'run'
+    procs = start_two_processes(args, workdir)
+    try:
+        deadline = time.monotonic() + 300
+        while not (workdir / 'metrics.jsonl').exists() or not (
+                workdir / 'metrics.jsonl').read_text().strip():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGSTOP)  # paused mid-run; process 0 waits for it
+        procs[1].send_signal(signal.SIGTERM)  # delivered when it continues
+        procs[1].send_signal(signal.SIGCONT)
+    finally:
+        outs = finish(procs)
+    stopped = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        stopped.append(out.strip().splitlines()[-1])
+    step = json.loads((workdir / 'summary.json').read_text())['steps']
+    assert 2 <= step < 24
+    # Both stop at the same step; process 0 names the process that was signalled.
+    assert stopped == [
+        f'Preempted at step {step} (another process); rerun the same command to resume.',
+        f'Preempted at step {step} (SIGTERM); rerun the same command to resume.']
+
+    procs = start_two_processes(args, workdir)
+    for p, (_, err) in zip(procs, finish(procs)):
+        assert p.returncode == 0, err[-3000:]
+    summary = json.loads((workdir / 'summary.json').read_text())
+    assert summary['completed'] and summary['steps'] == 24
+    steps = [r['step'] for r in map(json.loads, open(workdir / 'metrics.jsonl'))
+             if 'train_loss' in r]
+    assert steps == list(range(2, 25, 2))  # resumed at the checkpoint: no gap, no repeat
 
 
 def test_batch_not_divisible_by_devices_is_one_line(tmp_path):

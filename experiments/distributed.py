@@ -134,25 +134,30 @@ def put(tree, sharding: NamedSharding):
     return jax.tree.map(place, tree)
 
 
-def local_shards(mesh: Mesh) -> np.ndarray:
-    """Positions in ``mesh`` (so data shard indices) of this process's devices, ascending.
+def local_shards(mesh: Mesh, num_shards: int | None = None) -> np.ndarray:
+    """The data shards this process's devices hold, ascending.
 
-    :func:`make_mesh` orders devices by process, so they are contiguous.
+    ``num_shards`` (default: one per device; a multiple of ``mesh.size``) are split over the
+    devices in mesh order, ``num_shards / mesh.size`` consecutive shards each. :func:`make_mesh`
+    orders devices by process, so a process's shards are contiguous.
     """
-    return np.flatnonzero([d.process_index == jax.process_index() for d in mesh.devices.flat])
+    per_device = (num_shards or mesh.size) // mesh.size
+    positions = np.flatnonzero([d.process_index == jax.process_index() for d in mesh.devices.flat])
+    return (positions[:, None] * per_device + np.arange(per_device)).reshape(-1)
 
 
 def put_shards(tree, mesh: Mesh):
     """Global arrays sharded over ``mesh`` from this process's rows of their leading axis.
 
     Each leaf holds, along axis 0, the shards of this process's devices (in the order of
-    :func:`local_shards`); the global leading axis has one entry per device.
+    :func:`local_shards`); the global leading axis has the shards of every process.
     """
     sharding = sharded(mesh)
+    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
     def place(x):
         local = np.asarray(x)
-        global_shape = (mesh.size, *local.shape[1:])
+        global_shape = (local.shape[0] * mesh.size // local_devices, *local.shape[1:])
         return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
     return jax.tree.map(place, tree)

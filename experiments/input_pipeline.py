@@ -1,8 +1,9 @@
 """A run's data on the devices, each process reading only its own devices' shards.
 
-The train split is laid out as one strided shard per device of the mesh
-(`trainer.shard_rows`: shard ``k`` is examples ``k, k + S, ...``), the evaluation split
-likewise, padded with a mask (`trainer.eval_rows`). A process reads and decodes only the
+The train split is laid out as ``S`` strided data shards (`trainer.shard_rows`: shard ``k`` is
+examples ``k, k + S, ...``), by default one per device of the mesh, else ``S / D`` consecutive
+shards per device (``--config.data_shards``); the evaluation split likewise, padded with a mask
+(`trainer.eval_rows`). A process reads and decodes only the
 examples of its own devices' shards and places them with
 ``jax.make_array_from_process_local_data``; nothing else of the images ever reaches it.
 
@@ -77,14 +78,18 @@ def open_source(config: ml_collections.ConfigDict) -> data.Source:
         logging.set_verbosity(verbosity)
 
 
-def load(config: ml_collections.ConfigDict, mesh: Mesh) -> RunData:
-    """Reads this process's shards of ``config``'s dataset and places them on ``mesh``."""
+def load(config: ml_collections.ConfigDict, mesh: Mesh, num_shards: int) -> RunData:
+    """Reads this process's shards of ``config``'s dataset and places them on ``mesh``.
+
+    ``num_shards`` is a multiple of ``mesh.size``: each device holds ``num_shards /
+    mesh.size`` consecutive shards.
+    """
     source = open_source(config)
-    num_shards, local = mesh.size, distributed.local_shards(mesh)
+    local = distributed.local_shards(mesh, num_shards)
     if source.num_train < num_shards:
         raise trainer.ConfigError(
-            f'The {source.num_train} training examples of {source.name} cannot fill one data '
-            f'shard per device ({num_shards}); use fewer devices.')
+            f'The {source.num_train} training examples of {source.name} cannot fill '
+            f'{num_shards} data shards; use fewer (--config.data_shards) or fewer devices.')
     rows = trainer.shard_rows(source.num_train, num_shards)
     local_rows = rows[local]
     leftover = (np.arange(rows.size, source.num_train) if distributed.is_main_process()

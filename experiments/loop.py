@@ -120,15 +120,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """The run itself, inside the workdir lock and the preemption guard."""
     # Data parallelism: one data shard per device of the mesh; params replicated.
     mesh = distributed.make_mesh()
-    num_shards = mesh.size
-    if config.batch_size % num_shards:
+    if config.batch_size % mesh.size:
         raise trainer.ConfigError(
-            f'--config.batch_size={config.batch_size} must divide by the {num_shards} devices; '
-            f'use a multiple of {num_shards}.')
-    run_data = input_pipeline.load(config, mesh)  # this process's shards only
+            f'--config.batch_size={config.batch_size} must divide by the {mesh.size} devices; '
+            f'use a multiple of {mesh.size}.')
+    num_shards = config.data_shards or mesh.size
+    if num_shards % mesh.size:
+        raise trainer.ConfigError(
+            f'--config.data_shards={num_shards} must be a multiple of the {mesh.size} devices '
+            '(or 0: one per device).')
+    run_data = input_pipeline.load(config, mesh, num_shards)  # this process's shards only
     logging.info('Process %d read %d images (its %d of the %d data shards).',
-                 jax.process_index(), run_data.images_read, len(distributed.local_shards(mesh)),
-                 num_shards)
+                 jax.process_index(), run_data.images_read,
+                 len(distributed.local_shards(mesh, num_shards)), num_shards)
     shard_size = run_data.train.labels.shape[1]
     epoch_steps = trainer.steps_per_epoch(shard_size * num_shards, config.batch_size)
     main_process = distributed.is_main_process()

@@ -109,6 +109,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if group < 0 or (group and config.batch_size % group):
         raise ConfigError(f'--config.ascent_group_size={group} must be 0 (whole batch) or divide '
                           f'--config.batch_size={config.batch_size}.')
+    shards = config.get('data_shards', 0)
+    if shards < 0 or (shards and config.batch_size % shards):
+        raise ConfigError(f'--config.data_shards={shards} must be 0 (one per device) or divide '
+                          f'--config.batch_size={config.batch_size}.')
     if group and config.optimizer == 'sgd':
         raise ConfigError('--config.ascent_group_size needs a sharpness-aware --config.optimizer '
                           '(sam, vasso or asam), not sgd.')

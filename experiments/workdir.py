@@ -18,6 +18,8 @@ import tempfile
 import ml_collections
 from absl import logging
 
+from experiments.configs import default as default_config
+
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
 # Keys that change what is logged, evaluated or checkpointed and when, but never the params:
@@ -136,6 +138,9 @@ def check_config(
         raise WorkdirError(
             f'{path} is unreadable ({e}); repair or delete it, or pass another --workdir.'
         ) from e
+    # A key added to the trainer since the workdir was started ran at its default.
+    defaults = _flatten(config_dict(default_config.get_config()))
+    old = {**{k: v for k, v in defaults.items() if '.' not in k}, **old}
     changed = changed_keys(old, config_dict(config))
     if not changed:
         return

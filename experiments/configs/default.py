@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     # m-sharpness: perturb each group of m examples by its own gradient (0 = whole batch);
     # independent of the device count, unlike per-device ascent in the SAM authors' code.
     config.ascent_group_size = 0
+    # Data shards (see README "Scaling out"): 0 = one per device. A fixed number (a multiple of
+    # every device count to be used, dividing batch_size) makes the data order, and so the run,
+    # the same on 1, 2, 4, ... devices.
+    config.data_shards = 0
     # Log adversary stability (cos between consecutive perturbations, their variance); keeps
     # one extra params-sized buffer. Used by the digits study (experiments/reproduce.py).
     config.log_stability = False

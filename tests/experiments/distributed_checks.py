@@ -116,18 +116,18 @@ def check_group_step_matches_per_group_reference():
     assert diff > 1e-3, diff
 
 
-def check_input_pipeline_matches_the_whole_dataset():
-    """Per-device shards, labels, noise and statistics as if read whole, on 8 devices."""
+def check_input_pipeline_matches_the_whole_dataset(num_shards):
+    """Data shards, labels, noise and statistics as if read whole, on 8 devices."""
     config = digits_resnet.get_config()
     config.label_noise, config.noise_seed, config.eval_train = 0.3, 5, True
     mesh = distributed.make_mesh()
-    run_data = input_pipeline.load(config, mesh)
+    run_data = input_pipeline.load(config, mesh, num_shards)
     whole = data.load_dataset('digits', label_noise=0.3, noise_seed=5)
-    # 1438 training examples: 8 shards of 179, 6 left over (never trained on, but counted in
-    # the labels' noise and the normalisation statistics, so those do not depend on the
-    # device count).
+    # 1438 training examples: 8 shards of 179 (6 left over) or 16 of 89 (14 left over). The
+    # leftover is never trained on, but counted in the labels' noise and the normalisation
+    # statistics, so those do not depend on the number of shards.
     want = trainer.shard_split(whole.train_images, whole.train_labels,
-                               whole.train_true_labels, 8)
+                               whole.train_true_labels, num_shards)
     for got, expected in zip(run_data.train, want, strict=True):
         assert got.sharding.is_equivalent_to(distributed.sharded(mesh), got.ndim)
         np.testing.assert_array_equal(np.asarray(got), expected)
@@ -137,10 +137,11 @@ def check_input_pipeline_matches_the_whole_dataset():
     np.testing.assert_array_equal(run_data.std, whole.std)
     test = run_data.evals['test']
     mask = np.asarray(test.mask)
-    assert mask.shape == (8, 45) and mask.sum() == len(whole.test_labels) == 359
+    length = -(-359 // num_shards)
+    assert mask.shape == (num_shards, length) and mask.sum() == len(whole.test_labels) == 359
     np.testing.assert_array_equal(
         np.sort(np.asarray(test.labels)[mask == 1]), np.sort(whole.test_labels))
-    assert run_data.images_read == 1438 + 8 * 45  # one process: every shard, padding too
+    assert run_data.images_read == 1438 + num_shards * length  # one process: all, padding too
 
     # Evaluation on the mesh counts each example once and equals a single-device pass.
     model = models.get_model('resnet18', 10, width=4)
@@ -153,13 +154,15 @@ def check_input_pipeline_matches_the_whole_dataset():
                                                split, 64))
         single = jax.device_get(trainer.evaluate(
             eval_step, state.params, state.batch_stats, jax.device_get(split), 64))
-        assert sums['count'] == (359 if name == 'test' else 1432), (name, sums['count'])
+        trained = 1438 // num_shards * num_shards
+        assert sums['count'] == (359 if name == 'test' else trained), (name, sums['count'])
         close(sums, single, tol=1e-4)
 
 
 def main():
     assert len(jax.devices()) == 8, jax.devices()
-    check_input_pipeline_matches_the_whole_dataset()
+    check_input_pipeline_matches_the_whole_dataset(8)
+    check_input_pipeline_matches_the_whole_dataset(16)  # two shards per device
     check_sharded_step_equals_single_device()
     check_group_size_is_device_independent()
     check_group_step_matches_per_group_reference()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from experiments import trainer
+from experiments import metrics, trainer
 from experiments.configs import digits_resnet
 from tests.experiments.conftest import REPO, cli_command, cli_env, run_cli
 
@@ -122,14 +122,54 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(tmp_path):
     assert steps == list(range(2, 25, 2))  # resumed at the checkpoint: no gap, no repeat
 
 
-def test_batch_not_divisible_by_devices_is_one_line(tmp_path):
+@pytest.mark.slow
+def test_fixed_data_shards_make_m_sharpness_runs_device_count_independent(tmp_path):
+    """--config.data_shards=4 with m-sharpness: 1 and 4 devices take the same steps.
+
+    Compared step by step over the first steps: later, SAM's perturbation (through ReLU
+    kinks of this width-4 network) amplifies float reduction-order differences, as any change
+    of device count does.
+    """
+    args = ['--config', 'experiments/configs/cifar10_resnet18.py', '--config.num_train_steps=3',
+            '--config.optimizer=sam', '--config.ascent_group_size=4', '--config.batch_size=16',
+            '--config.log_every_steps=1', '--config.eval_every_steps=100', *TINY]
+    losses = {}
+    for name, devices, shards in (('one', 1, 4), ('four', 4, 4), ('one_default', 1, 0)):
+        result = run_cli([*args, '--workdir', str(tmp_path / name),
+                          f'--config.data_shards={shards}'], mock_examples=128,
+                         env=devices_env(devices))
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[name] = [r['train_loss'] for r in metrics.read_history(str(tmp_path / name))
+                        if 'train_loss' in r]
+    assert len(losses['one']) == 3
+    assert losses['four'] == pytest.approx(losses['one'], rel=1e-5)
+    # One shard per device (the default: here 1) is another data order, another run.
+    assert losses['one_default'][0] != pytest.approx(losses['one'][0], rel=1e-3)
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--config.batch_size=30'],
+     'error: --config.batch_size=30 must divide by the 4 devices; use a multiple of 4.'),
+    (['--config.batch_size=24', '--config.data_shards=6'],
+     'error: --config.data_shards=6 must be a multiple of the 4 devices (or 0: one per '
+     'device).'),
+])
+def test_batch_or_shards_not_divisible_by_devices_is_one_line(tmp_path, flags, message):
     result = run_cli(['--config', 'experiments/configs/digits_resnet.py', '--workdir',
-                      str(tmp_path / 'run'), '--config.batch_size=30',
-                      '--config.num_train_steps=1', *TINY], env=devices_env(4))
+                      str(tmp_path / 'run'), '--config.num_train_steps=1', *flags, *TINY],
+                     env=devices_env(4))
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ['error: --config.batch_size=30 must divide by the 4 devices; use a '
-                     'multiple of 4.'], result.stderr
+    assert lines == [message], result.stderr
+
+
+@pytest.mark.parametrize('shards', [5, -1])
+def test_data_shards_must_divide_the_batch(shards):
+    config = digits_resnet.get_config()
+    config.batch_size, config.data_shards = 64, shards
+    with pytest.raises(trainer.ConfigError, match=rf'--config.data_shards={shards} must be 0 '
+                       r'\(one per device\) or divide --config.batch_size=64.'):
+        trainer.validate_config(config)
 
 
 @pytest.mark.parametrize('group,message', [

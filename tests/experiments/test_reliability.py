@@ -698,6 +698,18 @@ def test_config_check_exempts_keys_that_change_no_maths(tmp_path, caplog):
     assert any('seed: 3107 -> 1' in r.getMessage() for r in caplog.records)
 
 
+def test_a_workdir_older_than_a_config_key_ran_at_its_default(tmp_path):
+    config = tiny_config()
+    workdir_lib.save_config(str(tmp_path), config)
+    saved = json.loads((tmp_path / 'config.json').read_text())
+    del saved['data_shards']  # written before the key existed
+    (tmp_path / 'config.json').write_text(json.dumps(saved))
+    workdir_lib.check_config(str(tmp_path), config)  # data_shards=0, the default: no change
+    config.data_shards = 4
+    with pytest.raises(workdir_lib.WorkdirError, match=r'\(data_shards: 0 -> 4\)'):
+        workdir_lib.check_config(str(tmp_path), config)
+
+
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_only_requests_a_stop(sig):
     before = signal.getsignal(sig)

@@ -3,9 +3,9 @@
 The train split is laid out as ``S`` strided data shards (`trainer.shard_rows`: shard ``k`` is
 examples ``k, k + S, ...``), by default one per device of the mesh, else ``S / D`` consecutive
 shards per device (``--config.data_shards``); the evaluation split likewise, padded with a mask
-(`trainer.eval_rows`). A process reads and decodes only the
-examples of its own devices' shards and places them with
-``jax.make_array_from_process_local_data``; nothing else of the images ever reaches it.
+(`trainer.eval_rows`). A process reads and decodes only the examples of its own devices'
+shards and places them with ``jax.make_array_from_process_local_data``; nothing else of the
+images ever reaches it.
 
 Two things need the whole training split, and both are small: the label set (label noise is
 a function of all labels, so that every process corrupts the same ones and the run does not

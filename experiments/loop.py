@@ -118,7 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         stop_at_step: int | None, stop: preemption.Guard) -> dict:
     """The run itself, inside the workdir lock and the preemption guard."""
-    # Data parallelism: one data shard per device of the mesh; params replicated.
+    # Data parallelism: the batch drawn from S data shards (S / D per device); params replicated.
     mesh = distributed.make_mesh()
     if config.batch_size % mesh.size:
         raise trainer.ConfigError(

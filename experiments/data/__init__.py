@@ -201,10 +201,11 @@ def open_dataset(
                 f'got {validation_size}.'
             )
         num_train, num_eval, eval_split = num_train - validation_size, validation_size, 'validation'
-        held_out = lambda rows, read=read_train: {  # noqa: E731
-            key: value for key, value in read(num_train + rows).items()
-            if key in ('image', 'label')}
-        read_eval = held_out
+
+        def read_eval(rows, read=read_train, first=num_train):  # the held-out last examples
+            columns = read(first + rows)
+            return {'image': columns['image'], 'label': columns['label']}
+
     return Source(name=name, num_classes=num_classes, num_train=num_train, num_eval=num_eval,
                   eval_split=eval_split, _read_train=read_train, _read_eval=read_eval)
 

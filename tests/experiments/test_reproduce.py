@@ -350,7 +350,8 @@ def tiny_grid(**kwargs):
         },
         config_overrides={
             'cifar10_resnet18': {'model_kwargs.width': 4},
-            'cifar10_wrn28_10': {'model_kwargs.depth': 10, 'model_kwargs.widen_factor': 1},
+            'cifar10_wrn28_10': {'model': 'wrn', 'model_kwargs.depth': 10,
+                                 'model_kwargs.widen_factor': 1},
         },
         **kwargs,
     )

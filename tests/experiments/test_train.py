@@ -36,8 +36,9 @@ def tiny_config(model='resnet18', optimizer='vasso', **overrides):
     if model == 'resnet18':
         config = cifar10_resnet18.get_config()
         config.model_kwargs.width = 4
-    else:  # WRN-10-1
+    else:  # WRN-10-1: the WRN-28-10 recipe on the generic WRN
         config = cifar10_wrn28_10.get_config()
+        config.model = 'wrn'
         config.model_kwargs.depth = 10
         config.model_kwargs.widen_factor = 1
     config.optimizer = optimizer

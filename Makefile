@@ -1,17 +1,26 @@
 # The README's contract: `make demo` runs the main job, `make test` runs the tests.
 # Both create .venv on first use; a stamp file makes the second run skip the install.
+# `make docs` builds the documentation site (docs/) into docs/_build/html, warnings as errors.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-install
+DOCS_STAMP := $(VENV)/.stamp-docs
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[experiments,dev]'
 	touch $(STAMP)
+
+# The docs need only the library, Flax and Sphinx: a fresh clone's `make docs` installs those.
+$(DOCS_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
 
 install: $(STAMP)
 
@@ -24,8 +33,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check vasso_jax experiments tests
 
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -W --keep-going -E -b html docs docs/_build/html
+
 bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.run --output BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .coverage
+	rm -rf $(VENV) runs .pytest_cache .coverage docs/_build docs/api

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+import vasso_jax
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / 'docs'
 _FENCE = re.compile(r'^(?P<indent> *)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)')
@@ -46,6 +48,12 @@ def test_python_blocks_parser():
         '- item\n\n  ````python\n  b = 2\n  ```\n  still b\n  ````\n```bash\nls\n```\n'
     )
     assert python_blocks(page) == [(3, 'a = 1\n'), (11, 'b = 2\n```\nstill b\n')]
+
+
+def test_doctest_blocks_are_checked():
+    _run_block('>>> x = 2\n>>> print(x + 1)\n3\n', {}, 'good')
+    with pytest.raises(AssertionError, match='doctest failed'):
+        _run_block('>>> print(1 + 1)\n3\n', {}, 'bad')
 
 
 def _pages() -> list[pathlib.Path]:
@@ -80,4 +88,6 @@ def test_sphinx_build_has_no_warnings(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS='cpu')
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert (tmp_path / 'html' / 'api' / 'vasso_jax.html').exists()
+    api = (tmp_path / 'html' / 'api' / 'vasso_jax.html').read_text()
+    missing = [n for n in vasso_jax.__all__ if f'id="vasso_jax.{n}"' not in api]
+    assert not missing, f'not in the API reference: {missing}'

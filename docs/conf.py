@@ -31,10 +31,16 @@ extensions = [
 ]
 source_suffix = {'.md': 'markdown', '.rst': 'restructuredtext'}
 root_doc = 'index'
-exclude_patterns = ['_build', 'README.md']
+exclude_patterns = ['_build']
 
 myst_enable_extensions = ['dollarmath', 'amsmath', 'colon_fence']
 myst_heading_anchors = 3
+
+# A reference to a vasso_jax name that does not exist is an error (the docs cannot point at a
+# renamed function); references to other libraries' names are not checked (no network, so no
+# intersphinx inventories to check them against).
+nitpicky = True
+nitpick_ignore_regex = [(r'py:.*', r'(?!vasso_jax(\.|$)).*')]
 
 autodoc_member_order = 'bysource'
 autodoc_typehints = 'signature'

@@ -92,6 +92,8 @@ def _source_order(name: str) -> tuple[bool, int, str]:
 def _core_page() -> str:
     groups: dict[str, list[str]] = {}
     for name in sorted(vasso_jax.__all__, key=_source_order):
+        if inspect.ismodule(getattr(vasso_jax, name)):
+            continue  # a public submodule has a page of its own
         module = getattr(getattr(vasso_jax, name), '__module__', 'vasso_jax')
         groups.setdefault(module, []).append(name)
     order = [m for m in _SECTIONS if m in groups] + sorted(set(groups) - set(_SECTIONS))

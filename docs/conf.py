@@ -76,7 +76,7 @@ def _title(module_name: str) -> str:
     if module_name in _SECTIONS:
         return _SECTIONS[module_name]
     doc = inspect.getdoc(importlib.import_module(module_name)) or module_name
-    return doc.splitlines()[0].rstrip('.')
+    return doc.splitlines()[0].split(': ')[0].rstrip('.')  # the summary before any colon
 
 
 def _source_order(name: str) -> tuple[bool, int, str]:

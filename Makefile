@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --cov --cov-report=term $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check vasso_jax experiments tests
+	$(PY) -m ruff check vasso_jax experiments tests docs
 
 docs: $(DOCS_STAMP)
 	$(PY) -m sphinx -W --keep-going -E -b html docs docs/_build/html

@@ -51,7 +51,6 @@ napoleon_use_rtype = False
 
 html_theme = 'furo'
 html_title = f'vasso_jax {version}'
-pygments_style = 'sphinx'
 
 # Section titles of the core API page, by the module that defines a name; a module not listed
 # here gets a section titled by the first line of its docstring.

@@ -311,3 +311,20 @@ def test_update_without_params_fails():
     params = make_params()
     with pytest.raises(ValueError, match=r'update\(\) needs params='):
         tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize('jit', [False, True], ids=['eager', 'jit'])
+def test_unperturbed_params_is_bitwise_the_w_the_base_steps(jit):
+    # With base u = g + 1.0 * w and g = 0, Momentum-SAM's direction is u = w_t exactly:
+    # the w_t that update() recovered and handed to the base optimiser.
+    tx = vasso_jax.one_pass_momentum_sam(optax.add_decayed_weights(1.0), rho=0.3)
+    step = jax.jit(make_step(tx))
+    params = make_params()
+    state = tx.init(params)
+    for i in range(3):
+        params, state = step(params, state, make_batch(i))
+    recover = jax.jit(vasso_jax.unperturbed_params) if jit else vasso_jax.unperturbed_params
+    w = recover(params, state)
+    _, after = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+    assert float(state.scale) > 0
+    assert_trees_equal(w, after.direction)

@@ -94,9 +94,10 @@ def one_pass(
       d_t = \mathrm{direction}(d_{t-1}, g_t, u_t, t-1),\qquad
       \epsilon_{t+1} = \rho_{t}\, \frac{d_t}{\lVert d_t \rVert + \text{eps}},
 
-    with :math:`\epsilon_1 = 0` and :math:`d_0 = 0`. It must be the outermost
-    transformation (links after it would change the perturbation bookkeeping);
-    links before it (clipping) change the gradient the base and the adversary see.
+    with :math:`\epsilon_1 = 0` and :math:`d_0 = 0`. Nothing may change its updates
+    after it (they carry the perturbation bookkeeping): wrap it (``inject_hyperparams``,
+    ``MultiSteps``, ``apply_if_finite``) rather than chain links after it; links
+    before it (clipping) change the gradient both the base and the adversary see.
     Gradients must arrive already averaged over devices, as for ``base`` alone.
 
     The state keeps one params-sized buffer beyond ``base``'s (``d``) and two scalars.
@@ -139,8 +140,9 @@ def one_pass(
       Becker, Altrock & Risse, `Momentum-SAM: Sharpness Aware Minimization without
       Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024.
 
-      Xie et al., `SAMPa: Sharpness-aware Minimization Parallelized
-      <https://arxiv.org/abs/2410.10683>`_, NeurIPS 2024.
+      Xie, Pethick & Cevher, `SAMPa: Sharpness-aware Minimization Parallelized
+      <https://arxiv.org/abs/2410.10683>`_, NeurIPS 2024 (a related use of an
+      earlier gradient for the perturbation, to parallelise SAM's two passes).
     """
     owner = 'one_pass'
     _checks.check_range(owner, 'rho', rho, low=0.0)

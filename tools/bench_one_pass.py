@@ -1,7 +1,9 @@
-"""Step time of SGD-momentum, two-pass VaSSO and one-pass VaSSO on a small CNN.
+"""Step time of SGD-momentum, two-pass VaSSO and one-pass VaSSO/MSAM on a small CNN.
 
 Not a test: a quick, interleaved measurement (each round times every method once, so
-load from other processes hits all of them alike). Prints medians and ratios to SGD.
+load from other processes hits all of them alike). Prints the median and the fastest
+step time and the compiled step's FLOPs (XLA's cost analysis: load-independent), each
+with its ratio to SGD.
 
     python tools/bench_one_pass.py --rounds 15 --steps 10 --batch 128
 """
@@ -65,6 +67,7 @@ def make_steps():
         'sgd_momentum': plain(base()),
         'vasso_two_pass': two_pass(optax.chain(vasso_jax.vasso(rho=0.1, theta=0.4), base())),
         'vasso_one_pass': plain(vasso_jax.one_pass_vasso(base(), rho=0.1, theta=0.4)),
+        'msam_one_pass': plain(vasso_jax.one_pass_momentum_sam(base(), rho=0.3)),
     }
 
 
@@ -77,11 +80,13 @@ def main():
 
     images = jax.random.normal(jax.random.key(1), (args.batch, 32, 32, 3))
     labels = jax.random.randint(jax.random.key(2), (args.batch,), 0, 10)
-    runs = {}
+    runs, flops = {}, {}
     for name, (tx, step) in make_steps().items():
         params = init_cnn(jax.random.key(0))
         state = tx.init(params)
         step = jax.jit(step, donate_argnums=(0, 1))
+        cost = step.lower(params, state, images, labels).compile().cost_analysis()
+        flops[name] = (cost[0] if isinstance(cost, list) else cost).get('flops', float('nan'))
         params, state = jax.block_until_ready(step(params, state, images, labels))  # compile
         runs[name] = [step, params, state, []]
 
@@ -97,10 +102,16 @@ def main():
 
     sgd = statistics.median(runs['sgd_momentum'][3])
     print(f'{jax.devices()[0].platform}, batch {args.batch}, {args.rounds} rounds x {args.steps}')
-    print(f'{"method":16s} {"median ms/step":>15s} {"vs SGD":>8s}')
+    sgd_min = min(runs['sgd_momentum'][3])
+    columns = ('median ms/step', 'vs SGD', 'min ms/step', 'vs SGD', 'XLA MFLOP', 'vs SGD')
+    print(f'{"method":16s} ' + ' '.join(f'{c:>9s}' for c in columns))
     for name, run in runs.items():
-        median = statistics.median(run[3])
-        print(f'{name:16s} {1e3 * median:15.2f} {median / sgd:8.2f}')
+        median, fastest = statistics.median(run[3]), min(run[3])
+        print(
+            f'{name:16s} {1e3 * median:14.2f} {median / sgd:9.2f} '
+            f'{1e3 * fastest:11.2f} {fastest / sgd_min:9.2f} '
+            f'{flops[name] / 1e6:9.1f} {flops[name] / flops["sgd_momentum"]:9.2f}'
+        )
 
 
 if __name__ == '__main__':

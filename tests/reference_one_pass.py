@@ -16,8 +16,9 @@ LEAVES = reference.LEAVES
 def run(method, params, x, y, idx, *, rhos, theta=0.4, lr=0.1, momentum=0.9, wd=1e-3, eps=1e-12):
     """One-pass `method` in {'vasso', 'msam'}; ``rhos[k]`` makes the perturbation of step k+1.
 
-    Returns a list with, after each step, ``(w_t + e_t, w_t)``: the held and the
-    unperturbed params.
+    Returns, for each step, a dict: ``held`` and ``w`` (the params ``w + e`` and ``w``
+    after the step), ``grad_norm`` (of the step's gradient) and ``cosine`` (between that
+    gradient and the perturbation it was taken at; 0 when unperturbed).
     """
     w = {k: np.array(v, np.float64) for k, v in params.items()}
     e = {k: np.zeros_like(v) for k, v in w.items()}
@@ -26,6 +27,8 @@ def run(method, params, x, y, idx, *, rhos, theta=0.4, lr=0.1, momentum=0.9, wd=
     out = []
     for t, b in enumerate(idx):
         g = reference.grad({k: w[k] + e[k] for k in LEAVES}, x[b], y[b])  # the only gradient
+        e_norm = reference.norm(e)
+        cosine = sum(np.sum(g[k] * e[k]) for k in LEAVES) / (reference.norm(g) * e_norm or 1.0)
         for k in LEAVES:
             mom[k] = g[k] + wd * w[k] + momentum * mom[k]
             w[k] = w[k] - lr * mom[k]
@@ -36,5 +39,12 @@ def run(method, params, x, y, idx, *, rhos, theta=0.4, lr=0.1, momentum=0.9, wd=
             e = {k: -rhos[t] * mom[k] / reference.norm(mom) for k in LEAVES}
         else:
             raise ValueError(method)
-        out.append(({k: w[k] + e[k] for k in LEAVES}, {k: w[k].copy() for k in LEAVES}))
+        out.append(
+            {
+                'held': {k: w[k] + e[k] for k in LEAVES},
+                'w': {k: w[k].copy() for k in LEAVES},
+                'grad_norm': reference.norm(g),
+                'cosine': cosine,
+            }
+        )
     return out

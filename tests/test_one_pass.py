@@ -71,11 +71,17 @@ def train_and_compare(tx, problem, expected, set_rho=None):
             rho = jnp.asarray(set_rho[t], jnp.float32)
             state = state._replace(hyperparams={**state.hyperparams, 'rho': rho})
         p, state = step(p, state, jnp.asarray(x[b], jnp.float32), jnp.asarray(y[b], jnp.float32))
-        held, w = expected[t]
+        want = expected[t]
+        np.testing.assert_allclose(
+            float(optax.tree.get(state, 'grad_norm')), want['grad_norm'], rtol=2e-5
+        )
+        np.testing.assert_allclose(
+            float(optax.tree.get(state, 'cosine')), want['cosine'], rtol=2e-5, atol=1e-6
+        )
         if t % 5 == 4:
-            assert_close(p, held)
-            assert_close(jax.jit(vasso_jax.unperturbed_params)(p, state), w)
-    assert_close(vasso_jax.unperturbed_params(p, state), expected[-1][1])
+            assert_close(p, want['held'])
+            assert_close(jax.jit(vasso_jax.unperturbed_params)(p, state), want['w'])
+    assert_close(vasso_jax.unperturbed_params(p, state), expected[-1]['w'])
 
 
 @methods

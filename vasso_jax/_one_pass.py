@@ -49,12 +49,19 @@ class OnePassState(NamedTuple):
       scale: float32 ``rho / (||d|| + eps)`` of the held perturbation (0 before step 1).
       direction: the adversary's direction ``d`` (params-shaped; one buffer).
       base_state: the base optimiser's state.
+      grad_norm: float32 ``||g_t||`` of the last gradient (taken at the held params).
+      direction_norm: float32 ``||d_t||``, the norm of the next perturbation's direction.
+      cosine: float32 ``cos(g_t, d_{t-1})``: how well the direction that perturbed step
+        ``t`` agrees with the gradient taken there (0 on the unperturbed first step).
     """
 
     count: jax.Array
     scale: jax.Array
     direction: optax.Updates
     base_state: optax.OptState
+    grad_norm: jax.Array
+    direction_norm: jax.Array
+    cosine: jax.Array
 
 
 def _compute_dtype(x) -> jnp.dtype:
@@ -100,7 +107,8 @@ def one_pass(
     before it (clipping) change the gradient both the base and the adversary see.
     Gradients must arrive already averaged over devices, as for ``base`` alone.
 
-    The state keeps one params-sized buffer beyond ``base``'s (``d``) and two scalars.
+    The state keeps one params-sized buffer beyond ``base``'s (``d``) and float32
+    scalars; ``optax.tree.get(state, 'cosine')`` reads :math:`\cos(g_t, d_{t-1})`.
     :math:`\epsilon_t` is not stored: it is ``scale * d`` with the scalar ``scale``
     saved when :math:`\epsilon_t` was made, so :math:`w_t` is recovered with the same
     elementwise arithmetic in ``update`` and in :func:`unperturbed_params`, and a
@@ -166,6 +174,9 @@ def one_pass(
             scale=jnp.zeros([], jnp.float32),
             direction=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=direction_dtype), params),
             base_state=base.init(params),
+            grad_norm=jnp.zeros([], jnp.float32),
+            direction_norm=jnp.zeros([], jnp.float32),
+            cosine=jnp.zeros([], jnp.float32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -183,7 +194,11 @@ def one_pass(
         radius = rho(count) if callable(rho) else rho
         norm = jnp.sqrt(_sharpness._sum_squares(d))
         scale = (jnp.asarray(radius, jnp.float32) / (norm + eps)).astype(jnp.float32)
-        new_state = OnePassState(count, scale, d, base_state)
+        grad_norm = jnp.sqrt(_sharpness._sum_squares(updates))
+        denom = grad_norm * state.direction_norm
+        dot = _sharpness._dot(updates, state.direction)
+        cosine = jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+        new_state = OnePassState(count, scale, d, base_state, grad_norm, norm, cosine)
 
         def combine(u, e_new, e_old):
             dtype = jnp.promote_types(_compute_dtype(u), e_new.dtype)
@@ -250,7 +265,7 @@ def one_pass_vasso(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state holds exactly one
-      params-sized buffer (``d``) more than ``base``'s, plus two scalars.
+      params-sized buffer (``d``) more than ``base``'s, plus scalars.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -311,7 +326,7 @@ def one_pass_momentum_sam(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` holding one params-sized buffer
-      more than ``base``'s, plus two scalars.
+      more than ``base``'s, plus scalars.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax

@@ -334,3 +334,21 @@ def test_unperturbed_params_is_bitwise_the_w_the_base_steps(jit):
     _, after = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
     assert float(state.scale) > 0
     assert_trees_equal(w, after.direction)
+
+
+def test_a_skipped_non_finite_step_changes_nothing():
+    # apply_if_finite keeps the inner state and returns zero updates: held params and
+    # state stay consistent, so the run continues as if the bad batch never came.
+    tx = optax.apply_if_finite(METHODS['vasso'](), max_consecutive_errors=3)
+    step = jax.jit(make_step(tx))
+    params = make_params()
+    state = tx.init(params)
+    for i in range(3):
+        params, state = step(params, state, make_batch(i))
+    bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+    updates, skipped = jax.jit(tx.update)(bad, state, params)
+    assert_trees_equal(optax.apply_updates(params, updates), params)
+    assert_trees_equal(skipped.inner_state, state.inner_state)
+    assert_trees_equal(
+        vasso_jax.unperturbed_params(params, skipped), vasso_jax.unperturbed_params(params, state)
+    )

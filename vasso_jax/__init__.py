@@ -26,6 +26,13 @@ from vasso_jax._directions import (
     gradient_direction,
     vasso_direction,
 )
+from vasso_jax._one_pass import (
+    OnePassState,
+    one_pass,
+    one_pass_momentum_sam,
+    one_pass_vasso,
+    unperturbed_params,
+)
 from vasso_jax._parallel import device_varying
 from vasso_jax._sharpness import SharpnessAwareState, sharpness_aware
 
@@ -33,6 +40,7 @@ __version__ = '0.1.0'
 
 __all__ = (
     'FriendlyDirectionState',
+    'OnePassState',
     'PerturbationStability',
     'PerturbationStabilityState',
     'SharpnessAwareState',
@@ -46,9 +54,13 @@ __all__ = (
     'hessian_top_eigenpair',
     'hessian_top_eigenvalue',
     'm_sharpness',
+    'one_pass',
+    'one_pass_momentum_sam',
+    'one_pass_vasso',
     'perturbation_stability',
     'sam',
     'sharpness_aware',
+    'unperturbed_params',
     'vasso',
     'vasso_direction',
 )

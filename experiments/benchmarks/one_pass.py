@@ -5,7 +5,7 @@ load from other processes hits all of them alike). Prints the median and the fas
 step time and the compiled step's FLOPs (XLA's cost analysis: load-independent), each
 with its ratio to SGD.
 
-    python tools/bench_one_pass.py --rounds 15 --steps 10 --batch 128
+    python -m experiments.benchmarks.one_pass --rounds 15 --steps 10 --batch 128
 """
 
 import argparse

@@ -82,11 +82,12 @@ def test_bf16_output_keeps_its_dtype():
         (3, (1.0, jnp.ones(4)), r'^microbatched: a batch leaf of shape \(4,\) .* pick a divisor'),
         (2, (1.0, jnp.ones(())), r'^microbatched: a batch leaf of shape \(\) \(a scalar'),
         (2, (jnp.ones(4),), r'^microbatched: argnums=1 but the function got 1 positional'),
+        (2, (jnp.int32(1), jnp.ones(4)), r'^microbatched: fun returned a leaf of dtype int32'),
     ],
 )
 def test_errors_are_one_line(k, args, match):
     with pytest.raises(ValueError, match=match) as info:
-        vasso_jax.microbatched(lambda w, b=None: w, k)(*args)
+        vasso_jax.microbatched(lambda w, b=None: jnp.asarray(w), k)(*args)
     assert '\n' not in str(info.value)
 
 

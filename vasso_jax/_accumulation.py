@@ -25,7 +25,12 @@ def _split_leading(owner: str, tree: Any, k: int) -> Any:
     return jax.tree.map(split, tree)
 
 
-def _accumulator_dtype(dtype):
+def _accumulator_dtype(owner: str, dtype):
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise ValueError(
+            f'{owner}: fun returned a leaf of dtype {dtype}, which has no mean; return '
+            'floating values only (counts as float32, RNG state outside fun).'
+        )
     return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -57,9 +62,9 @@ def microbatched(
     inside ``MultiSteps``; :class:`vasso_jax.linen.TrainState` refuses the combination.
 
     Args:
-      fun: any function whose output is a pytree of floating arrays: a gradient function,
-        ``jax.value_and_grad(loss)`` (the loss is averaged too), or one with auxiliary
-        outputs, which are averaged as well.
+      fun: any function whose output is a pytree of floating arrays (other dtypes raise a
+        ``ValueError``): a gradient function, ``jax.value_and_grad(loss)`` (the loss is
+        averaged too), or one with auxiliary outputs, which are averaged as well.
       num_micro_batches: ``k >= 1``; ``1`` calls ``fun`` directly.
       argnums: the positional argument(s) holding the batch, pytrees whose leaves share the
         leading axis; it must divide by ``k``. Other arguments (params, an RNG key) are
@@ -112,7 +117,8 @@ def microbatched(
         stacked = tuple(_split_leading(owner, args[i], k) for i in batch_args)
         first = jax.tree.map(lambda x: x[0], stacked)
         out_shapes = jax.eval_shape(on, first)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, _accumulator_dtype(s.dtype)), out_shapes)
+        dtypes = jax.tree.map(lambda s: _accumulator_dtype(owner, s.dtype), out_shapes)
+        zeros = jax.tree.map(lambda s, d: jnp.zeros(s.shape, d), out_shapes, dtypes)
 
         def add(total, parts):
             out = on(parts)

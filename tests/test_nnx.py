@@ -139,20 +139,26 @@ def test_grad_fn_accepts_states_dicts_and_subsets():
     assert_close(pure, nnx.as_pure(grads), rtol=1e-6)
 
 
-def test_has_aux():
-    model, optimizer = make()
+def test_has_aux_and_a_narrower_wrt():
+    model, _ = make()
+    head = nnx.All(nnx.Param, nnx.PathContains('lin2'))
+    tx = optax.chain(vasso_jax.sam(rho=RHO), optax.sgd(LR))
+    optimizer = nnx.Optimizer(model, tx, wrt=head)
+    before = nnx.as_pure(nnx.state(model, nnx.Param))
     x, y = data()
 
     def loss_with_aux(model, x, y):
         out = model(x)
         return jnp.mean((out - y) ** 2), {'out': out}
 
-    (loss, aux), grads, grad_fn = vasso_jax.nnx.value_and_grad(loss_with_aux, has_aux=True)(
-        model, x, y
-    )
+    vg = vasso_jax.nnx.value_and_grad(loss_with_aux, has_aux=True, wrt=head)
+    (loss, aux), grads, grad_fn = vg(model, x, y)
     assert aux['out'].shape == (8, 2) and loss.shape == ()
+    assert set(nnx.to_pure_dict(grads)) == {'lin2'}
     optimizer.update(model, grads, grad_fn=grad_fn)
-    assert int(optimizer.step[...]) == 1
+    after = nnx.as_pure(nnx.state(model, nnx.Param))
+    assert_close(after['lin1'], before['lin1'], rtol=0, atol=0)
+    assert not np.allclose(after['lin2']['kernel'], before['lin2']['kernel'])
 
 
 def test_unknown_param_path_is_one_line_error():

@@ -51,7 +51,8 @@ def value_and_grad(
         first argument.
       has_aux: whether ``f`` returns ``(loss, aux)``.
       wrt: an NNX filter selecting the variables to differentiate, as in
-        ``nnx.Optimizer(model, tx, wrt=...)``.
+        ``nnx.Optimizer(model, tx, wrt=...)``; one other than ``nnx.Param`` needs graph
+        mode (flax's default).
 
     Returns:
       A function with ``f``'s signature returning ``(value, grads, grad_fn)``: ``value``
@@ -82,7 +83,10 @@ def value_and_grad(
       Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021 (the second pass's
       BatchNorm updates are discarded, as in the authors' code).
     """
-    first_pass = nnx.value_and_grad(f, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)
+    # The default is nnx.value_and_grad's own (which also works in tree mode, where
+    # DiffState is not allowed); another filter needs graph mode.
+    argnums = 0 if wrt is nnx.Param else nnx.DiffState(0, wrt)
+    first_pass = nnx.value_and_grad(f, argnums=argnums, has_aux=has_aux)
 
     def wrapped(model, *args):
         # Arrays are immutable: as_pure keeps the values as they are now, before pass 1.

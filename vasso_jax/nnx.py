@@ -1,13 +1,20 @@
 """Flax NNX integration: the two passes of a sharpness-aware step on a stateful model.
 
-The only module of the package that imports flax (``pip install vasso_jax[flax]``).
+Imports flax (``pip install vasso_jax[flax]``); the core package does not. Needs flax >= 0.12
+(``nnx.as_pure`` and ``nnx.Optimizer(model, tx, wrt=...)``).
 """
 
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import jax
 from flax import nnx
+
+if not hasattr(nnx, 'as_pure'):
+    raise ImportError(
+        f'vasso_jax.nnx needs flax>=0.12 (found {flax.__version__}); pip install -U "flax>=0.12".'
+    )
 
 __all__ = ('value_and_grad',)
 

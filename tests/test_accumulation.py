@@ -1,5 +1,10 @@
 """microbatched: both passes averaged over micro-batches equal the full-batch step."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +64,7 @@ def test_value_aux_and_several_batch_arguments():
     (loss, aux), grads = vasso_jax.microbatched(fun, K, argnums=(1, 3))(params, x, 2.0, y)
     (want_loss, _), want_grads = fun(params, x, 2.0, y)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-    np.testing.assert_allclose(aux['first_y'], y[::4].mean(axis=0), rtol=1e-6)  # aux averaged
+    np.testing.assert_allclose(aux['first_y'], y[:K].mean(axis=0), rtol=1e-6)  # strided, averaged
     for k in reference.LEAVES:
         np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-5, atol=1e-7)
 
@@ -111,3 +116,35 @@ def test_multisteps_around_the_link_is_not_the_full_batch_step():
         float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(full))
     )
     assert gap > 1e-2
+
+
+SHARDED_CHECK = """
+import jax, jax.numpy as jnp, numpy as np
+import vasso_jax
+mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+loss = lambda w, b: jnp.mean((b['x'] @ w - b['y']) ** 2)
+b = {'x': jax.random.normal(jax.random.key(0), (64, 5)), 'y': jnp.ones(64)}
+b, w = jax.device_put(b, batch_sharding), jnp.ones(5)
+grad = jax.jit(vasso_jax.microbatched(jax.grad(loss), 4))
+hlo = grad.lower(w, b).compile().as_text()
+assert 'all-gather' not in hlo and 'all-to-all' not in hlo, 'the split moved the batch'
+np.testing.assert_allclose(grad(w, b), jax.jit(jax.grad(loss))(w, b), rtol=1e-5)
+print('sharded ok')
+"""
+
+
+@pytest.mark.slow
+def test_a_batch_sharded_over_devices_splits_without_communication():
+    env = dict(
+        os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu'
+    )
+    proc = subprocess.run(
+        [sys.executable, '-c', SHARDED_CHECK],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and 'sharded ok' in proc.stdout, proc.stderr[-3000:]

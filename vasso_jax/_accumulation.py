@@ -20,7 +20,9 @@ def _split_leading(owner: str, tree: Any, k: int) -> Any:
                 f'{owner}: a batch leaf of shape {x.shape} ({size} along axis 0) does not split '
                 f'into num_micro_batches={k} equal parts; pick a divisor of the batch size.'
             )
-        return x.reshape((k, x.shape[0] // k, *x.shape[1:]))
+        # Strided: micro-batch i holds examples i, i + k, ..., so a batch sharded along
+        # axis 0 keeps its sharding and every device works on every micro-batch.
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k, *x.shape[1:])), 0, 1)
 
     return jax.tree.map(split, tree)
 
@@ -40,7 +42,7 @@ def microbatched(
     r"""Evaluates ``fun`` on micro-batches one at a time and returns the mean of its outputs.
 
     With the batch :math:`\mathcal B` split into :math:`k` equal micro-batches
-    :math:`\mathcal B_1, \dots, \mathcal B_k` along axis 0,
+    :math:`\mathcal B_1, \dots, \mathcal B_k` along axis 0 (strided),
 
     .. math::
 
@@ -67,9 +69,11 @@ def microbatched(
         averaged too), or one with auxiliary outputs, which are averaged as well.
       num_micro_batches: ``k >= 1``; ``1`` calls ``fun`` directly.
       argnums: the positional argument(s) holding the batch, pytrees whose leaves share the
-        leading axis; it must divide by ``k``. Other arguments (params, an RNG key) are
-        passed whole to every micro-batch, so a key gives each micro-batch the same key;
-        both passes see the same micro-batches in the same order.
+        leading axis; it must divide by ``k``. Micro-batch ``i`` holds examples ``i, i + k,
+        i + 2k, ...``: a batch sharded along axis 0 needs no communication to split.
+        Other arguments (params, an RNG key) are passed whole to every micro-batch, so a
+        key gives each micro-batch the same key; both passes see the same micro-batches
+        in the same order.
 
     Returns:
       A function with ``fun``'s signature returning the mean of its outputs, each leaf

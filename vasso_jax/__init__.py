@@ -9,6 +9,7 @@ gradient at ``w`` into the gradient at the adversarially perturbed ``w + eps``.
     updates, state = tx.update(grads, state, params, grad_fn=grad_on_same_batch)
 """
 
+from vasso_jax._accumulation import microbatched
 from vasso_jax._aliases import asam, friendly_sam, sam, vasso
 from vasso_jax._diagnostics import (
     PerturbationStability,
@@ -54,6 +55,7 @@ __all__ = (
     'hessian_top_eigenpair',
     'hessian_top_eigenvalue',
     'm_sharpness',
+    'microbatched',
     'one_pass',
     'one_pass_momentum_sam',
     'one_pass_vasso',

@@ -1,22 +1,25 @@
 """Named methods: the engine plus one adversary each."""
 
-from typing import Any
+from collections.abc import Hashable
+from typing import Literal
 
+import jax
 import optax
 
 from vasso_jax import _directions, _sharpness
 
 
 def sam(
-    rho: Any = 0.05,
+    rho: optax.ScalarOrSchedule = 0.05,
     *,
     adaptive: bool = False,
-    eta: Any = 0.01,
-    eps: Any = 1e-12,
-    axis_name: Any | None = None,
-    ascent: str = 'global',
-    every_k: Any = 1,
+    eta: jax.typing.ArrayLike = 0.01,
+    eps: jax.typing.ArrayLike = 1e-12,
+    axis_name: Hashable | None = None,
+    ascent: Literal['global', 'per_device'] = 'global',
+    every_k: int = 1,
     keep_perturbation: bool = False,
+    perturbed_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-Aware Minimisation (SAM) as the first link of an optax chain.
 
@@ -35,6 +38,8 @@ def sam(
       every_k: sharpness-aware gradient every k-th step, plain gradient otherwise.
       keep_perturbation: keep the last perturbation in the state (see
         :func:`vasso_jax.sharpness_aware`).
+      perturbed_dtype: dtype of the point given to ``grad_fn``; ``None``: the params'
+        precision, at least float32 (see :func:`vasso_jax.sharpness_aware`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call its ``update`` with
@@ -68,21 +73,23 @@ def sam(
         ascent=ascent,
         every_k=every_k,
         keep_perturbation=keep_perturbation,
+        perturbed_dtype=perturbed_dtype,
     )
 
 
 def vasso(
-    rho: Any = 0.1,
-    theta: Any = 0.4,
+    rho: optax.ScalarOrSchedule = 0.1,
+    theta: optax.ScalarOrSchedule = 0.4,
     *,
     adaptive: bool = False,
-    eta: Any = 0.01,
-    eps: Any = 1e-12,
-    axis_name: Any | None = None,
-    ascent: str = 'global',
-    every_k: Any = 1,
+    eta: jax.typing.ArrayLike = 0.01,
+    eps: jax.typing.ArrayLike = 1e-12,
+    axis_name: Hashable | None = None,
+    ascent: Literal['global', 'per_device'] = 'global',
+    every_k: int = 1,
     keep_perturbation: bool = False,
-    direction_dtype: Any | None = None,
+    perturbed_dtype: jax.typing.DTypeLike | None = None,
+    direction_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Variance-Suppressed Sharpness-Aware Optimisation (VaSSO).
 
@@ -109,6 +116,8 @@ def vasso(
       every_k: sharpness-aware gradient every k-th step, plain gradient otherwise.
       keep_perturbation: keep the last perturbation in the state (see
         :func:`vasso_jax.sharpness_aware`).
+      perturbed_dtype: dtype of the point given to ``grad_fn``; ``None``: the params'
+        precision, at least float32 (see :func:`vasso_jax.sharpness_aware`).
       direction_dtype: dtype of the stored ``d``; ``None`` keeps the params' dtype.
 
     Returns:
@@ -144,18 +153,20 @@ def vasso(
         ascent=ascent,
         every_k=every_k,
         keep_perturbation=keep_perturbation,
+        perturbed_dtype=perturbed_dtype,
     )
 
 
 def asam(
-    rho: Any = 0.5,
+    rho: optax.ScalarOrSchedule = 0.5,
     *,
-    eta: Any = 0.01,
-    eps: Any = 1e-12,
-    axis_name: Any | None = None,
-    ascent: str = 'global',
-    every_k: Any = 1,
+    eta: jax.typing.ArrayLike = 0.01,
+    eps: jax.typing.ArrayLike = 1e-12,
+    axis_name: Hashable | None = None,
+    ascent: Literal['global', 'per_device'] = 'global',
+    every_k: int = 1,
     keep_perturbation: bool = False,
+    perturbed_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adaptive SAM (ASAM): SAM with a scale-invariant neighbourhood.
 
@@ -177,6 +188,8 @@ def asam(
       every_k: sharpness-aware gradient every k-th step, plain gradient otherwise.
       keep_perturbation: keep the last perturbation in the state (see
         :func:`vasso_jax.sharpness_aware`).
+      perturbed_dtype: dtype of the point given to ``grad_fn``; ``None``: the params'
+        precision, at least float32 (see :func:`vasso_jax.sharpness_aware`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with no params-sized state.
@@ -205,21 +218,23 @@ def asam(
         ascent=ascent,
         every_k=every_k,
         keep_perturbation=keep_perturbation,
+        perturbed_dtype=perturbed_dtype,
     )
 
 
 def friendly_sam(
-    rho: Any = 0.05,
-    sigma: Any = 1.0,
-    lmbda: Any = 0.9,
+    rho: optax.ScalarOrSchedule = 0.05,
+    sigma: jax.typing.ArrayLike = 1.0,
+    lmbda: jax.typing.ArrayLike = 0.9,
     *,
     adaptive: bool = False,
-    eta: Any = 0.01,
-    eps: Any = 1e-12,
-    axis_name: Any | None = None,
-    ascent: str = 'global',
-    every_k: Any = 1,
+    eta: jax.typing.ArrayLike = 0.01,
+    eps: jax.typing.ArrayLike = 1e-12,
+    axis_name: Hashable | None = None,
+    ascent: Literal['global', 'per_device'] = 'global',
+    every_k: int = 1,
     keep_perturbation: bool = False,
+    perturbed_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Friendly-SAM (F-SAM): perturb along the batch-specific gradient component.
 
@@ -242,6 +257,8 @@ def friendly_sam(
       every_k: sharpness-aware gradient every k-th step, plain gradient otherwise.
       keep_perturbation: keep the last perturbation in the state (see
         :func:`vasso_jax.sharpness_aware`).
+      perturbed_dtype: dtype of the point given to ``grad_fn``; ``None``: the params'
+        precision, at least float32 (see :func:`vasso_jax.sharpness_aware`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` holding one params-sized buffer.
@@ -269,4 +286,5 @@ def friendly_sam(
         ascent=ascent,
         every_k=every_k,
         keep_perturbation=keep_perturbation,
+        perturbed_dtype=perturbed_dtype,
     )

@@ -56,8 +56,17 @@ def check_methods_match_reference():
     worst = {}
     for name, make, kwargs in CASES:
         got, state = train(make(), params, jnp.asarray(x), jnp.asarray(y), idx)
-        want = reference.run('sgd' if name == 'sgd' else name, params, x, y, idx, lr=LR,
-                             momentum=MOMENTUM, wd=WD, **kwargs)
+        want = reference.run(
+            'sgd' if name == 'sgd' else name,
+            params,
+            x,
+            y,
+            idx,
+            lr=LR,
+            momentum=MOMENTUM,
+            wd=WD,
+            **kwargs,
+        )
         assert all(v.dtype == jnp.float64 for v in jax.tree.leaves(got)), name
         err = max(
             float(np.max(np.abs(np.asarray(got[k]) - want[k])) / np.max(np.abs(want[k])))

@@ -22,15 +22,22 @@ def loss_with_frozen(params, x, y):
 
 def freezing_chain(link):
     base = optax.chain(optax.add_decayed_weights(WD), optax.sgd(LR, momentum=MOMENTUM))
-    return optax.chain(link, optax.multi_transform(
-        {'train': base, 'frozen': optax.set_to_zero()}, LABELS
-    ))
+    return optax.chain(
+        link, optax.multi_transform({'train': base, 'frozen': optax.set_to_zero()}, LABELS)
+    )
 
 
-@pytest.mark.parametrize('method,make,kwargs', [
-    ('sam', lambda: vasso_jax.sam(0.2, keep_perturbation=True), dict(rho=0.2)),
-    ('vasso', lambda: vasso_jax.vasso(0.2, 0.4, keep_perturbation=True), dict(rho=0.2, theta=0.4)),
-])
+@pytest.mark.parametrize(
+    'method,make,kwargs',
+    [
+        ('sam', lambda: vasso_jax.sam(0.2, keep_perturbation=True), dict(rho=0.2)),
+        (
+            'vasso',
+            lambda: vasso_jax.vasso(0.2, 0.4, keep_perturbation=True),
+            dict(rho=0.2, theta=0.4),
+        ),
+    ],
+)
 def test_freezing_recipe_matches_reference(method, make, kwargs):
     params, x, y = reference.make_problem()
     idx = reference.batches(10)
@@ -47,8 +54,9 @@ def test_freezing_recipe_matches_reference(method, make, kwargs):
 
     for b in idx:
         p, state = step(p, state, jnp.asarray(x[b], jnp.float32), jnp.asarray(y[b], jnp.float32))
-    want = reference.run(method, params, x, y, idx, lr=LR, momentum=MOMENTUM, wd=WD,
-                         frozen=FROZEN, **kwargs)
+    want = reference.run(
+        method, params, x, y, idx, lr=LR, momentum=MOMENTUM, wd=WD, frozen=FROZEN, **kwargs
+    )
     for k in FROZEN:  # bitwise unchanged, weight decay and momentum included
         np.testing.assert_array_equal(np.asarray(p[k]), start[k])
         assert not np.any(np.asarray(optax.tree.get(state, 'perturbation')[k]))  # not perturbed
@@ -63,8 +71,9 @@ def sqrt_loss(w):
 def test_apply_if_finite_after_the_link_skips_a_non_finite_second_pass():
     w = jnp.array([0.95, 0.0])  # finite at w, NaN at w + epsilon (epsilon_0 ~ 0.1)
     guarded = optax.chain(vasso_jax.sam(0.1), optax.apply_if_finite(optax.sgd(0.1), 5))
-    step = jax.jit(lambda s, w: guarded.update(jax.grad(sqrt_loss)(w), s, w,
-                                               grad_fn=jax.grad(sqrt_loss)))
+    step = jax.jit(
+        lambda s, w: guarded.update(jax.grad(sqrt_loss)(w), s, w, grad_fn=jax.grad(sqrt_loss))
+    )
     u, state = step(guarded.init(w), w)
     np.testing.assert_array_equal(np.asarray(u), 0.0)  # the skipped step
     np.testing.assert_array_equal(np.asarray(optax.apply_updates(w, u)), np.asarray(w))
@@ -85,7 +94,9 @@ def test_non_finite_gradient_leaves_vasso_state_unchanged():
     _, s1 = step(jnp.array([1.0, 2.0, 3.0]), tx.init(w))
     u, s2 = step(jnp.array([1.0, jnp.nan, 3.0]), s1)
     assert np.isnan(np.asarray(u)).any() and not bool(s2.last_finite)
-    np.testing.assert_array_equal(np.asarray(s2.direction_state.d), np.asarray(s1.direction_state.d))
+    np.testing.assert_array_equal(
+        np.asarray(s2.direction_state.d), np.asarray(s1.direction_state.d)
+    )
     u, s3 = step(jnp.array([1.0, 2.0, 3.0]), s2)
     assert np.all(np.isfinite(np.asarray(u))) and bool(s3.last_finite)
     assert int(s3.total_notfinite) == 1 and int(s3.count) == 3

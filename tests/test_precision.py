@@ -21,7 +21,11 @@ def test_float64_matches_numpy_reference_in_a_subprocess():
     env = dict(os.environ, JAX_ENABLE_X64='1', JAX_PLATFORMS='cpu')
     proc = subprocess.run(
         [sys.executable, '-m', 'tests.float64_checks'],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'float64 checks passed' in proc.stdout

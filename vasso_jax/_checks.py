@@ -47,9 +47,7 @@ def check_type(owner: str, name: str, value: Any, *, schedule: bool = True) -> N
     if _is_number(value) or (schedule and callable(value)):
         return
     allowed = 'a number, a scalar array or a schedule step -> value' if schedule else 'an int'
-    raise ValueError(
-        f'{owner}: {name}={value!r} has type {type(value).__name__}; pass {allowed}.'
-    )
+    raise ValueError(f'{owner}: {name}={value!r} has type {type(value).__name__}; pass {allowed}.')
 
 
 def check_flag(owner: str, name: str, value: Any) -> None:

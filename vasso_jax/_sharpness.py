@@ -57,9 +57,7 @@ def _sum_squares(tree, dtype) -> jax.Array:
 
 def _dot(a, b, dtype) -> jax.Array:
     pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    return sum(
-        (jnp.vdot(x.astype(dtype), y.astype(dtype)) for x, y in pairs), jnp.zeros([], dtype)
-    )
+    return sum((jnp.vdot(x.astype(dtype), y.astype(dtype)) for x, y in pairs), jnp.zeros([], dtype))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -286,8 +284,10 @@ def sharpness_aware(
         def sharp_gradient():
             e = perturbation(d, params, radius)
             point = jax.tree.map(
-                lambda w, v: w.astype(_point_dtype(w, perturbed_dtype))
-                + v.astype(_point_dtype(w, perturbed_dtype)),
+                lambda w, v: (
+                    w.astype(_point_dtype(w, perturbed_dtype))
+                    + v.astype(_point_dtype(w, perturbed_dtype))
+                ),
                 params,
                 e,
             )

@@ -29,7 +29,8 @@ def sam(
       \tilde g_t = \nabla L_{\mathcal B_t}(w_t + \epsilon_t).
 
     Args:
-      rho: perturbation radius >= 0 (float, array or schedule).
+      rho: perturbation radius >= 0 (float, array or schedule; a schedule's negative
+        values are clipped to 0).
       adaptive: use ASAM's scale-invariant perturbation (see :func:`asam`).
       eta: ASAM's offset, >= 0.
       eps: added to the norm, > 0.
@@ -106,8 +107,10 @@ def vasso(
     updates on every step.
 
     Args:
-      rho: perturbation radius >= 0 (float, array or schedule).
-      theta: weight of the newest gradient in ``(0, 1]`` (float, array or schedule).
+      rho: perturbation radius >= 0 (float, array or schedule; a schedule's negative
+        values are clipped to 0).
+      theta: weight of the newest gradient in ``(0, 1]`` (float, array or schedule; a
+        schedule's values are clipped into ``[0, 1]``).
       adaptive: scale-invariant (ASAM-style) perturbation of ``d_t``.
       eta: offset of the adaptive scaling, >= 0.
       eps: added to the norm, > 0.
@@ -246,7 +249,8 @@ def friendly_sam(
     with :math:`d_1 = m_1 = g_1`; see :func:`vasso_jax.friendly_direction`.
 
     Args:
-      rho: perturbation radius >= 0 (float, array or schedule).
+      rho: perturbation radius >= 0 (float, array or schedule; a schedule's negative
+        values are clipped to 0).
       sigma: fraction of the momentum removed, in ``[0, 1]``.
       lmbda: momentum coefficient in ``[0, 1)``.
       adaptive: scale-invariant (ASAM-style) perturbation.

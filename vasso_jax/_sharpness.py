@@ -226,6 +226,7 @@ def sharpness_aware(
     never_sharp = static_rho == 0.0
 
     def init_fn(params):
+        _checks.check_not_masked(owner, params)
         zero = jnp.zeros([], jnp.float32)
         kept = jax.tree.map(lambda x: jnp.zeros(x.shape, _ascent_dtype(x)), params)
         return SharpnessAwareState(

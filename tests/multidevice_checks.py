@@ -4,6 +4,7 @@ Each check compares a data-parallel run against an independent single-device or
 hand-written per-shard computation and raises AssertionError on a mismatch.
 """
 
+import re
 import sys
 
 import jax
@@ -204,6 +205,70 @@ def check_per_device_vasso_state_is_replicated(mesh):
     close(optax.tree.get(state, 'd'), jax.grad(loss)(params, x, y))
 
 
+def fsdp_data(seed=0, n=64):
+    """Params whose every leaf has a leading dim divisible by the device count."""
+    k = jax.random.split(jax.random.key(seed), 5)
+    params = {
+        'w': jax.random.normal(k[0], (16, 32)) / 4,
+        'b': 0.1 * jax.random.normal(k[1], (32,)),
+        'v': jax.random.normal(k[2], (32, 8)) / 6,
+    }
+    return params, jax.random.normal(k[3], (n, 16)), jax.random.normal(k[4], (n, 8))
+
+
+def run_sharded(link, params, x, y, param_spec, steps=3):
+    """Three jitted steps with params and optimiser state placed by ``param_spec``."""
+    mesh = Mesh(np.array(jax.devices()), ('d',))
+    placed = NamedSharding(mesh, param_spec)
+    params = jax.device_put(params, placed)
+    x, y = (jax.device_put(a, NamedSharding(mesh, P('d'))) for a in (x, y))
+    tx = chain(link)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, x, y):
+        gf = lambda p: jax.grad(loss)(p, x, y)
+        u, state = tx.update(gf(params), state, params, grad_fn=gf)
+        return optax.apply_updates(params, u), state
+
+    for _ in range(steps):
+        params, state = step(params, state, x, y)
+    return params, state, placed
+
+
+def check_fsdp_params_match_replicated():
+    for make in (
+        lambda: vasso_jax.sam(RHO),
+        lambda: vasso_jax.vasso(RHO, 0.4, keep_perturbation=True),
+    ):
+        params, x, y = fsdp_data()
+        sharded, state, placed = run_sharded(make(), params, x, y, P('d'))
+        replicated, _, _ = run_sharded(make(), params, x, y, P())
+        close(sharded, replicated)
+        # The link's params-sized state (and the params) keep the params' sharding.
+        kept = [optax.tree.get(state, 'd', None), optax.tree.get(state, 'perturbation')]
+        for tree in (sharded, *[t for t in kept if t is not None]):
+            for leaf in jax.tree.leaves(tree):
+                assert leaf.sharding.is_equivalent_to(placed, leaf.ndim), leaf.sharding
+
+
+def check_fsdp_ascent_gathers_no_params():
+    # An elementwise gradient needs no communication of its own, so every collective in the
+    # compiled step belongs to the link: scalar all-reduces (the norms), no all-gather.
+    params, _, _ = fsdp_data()
+    mesh = Mesh(np.array(jax.devices()), ('d',))
+    params = jax.device_put(params, NamedSharding(mesh, P('d')))
+    elementwise = lambda p: jax.tree.map(lambda w: 4 * w**3, p)
+    for link in (vasso_jax.sam(RHO), vasso_jax.vasso(RHO, 0.4), vasso_jax.asam(0.5)):
+        step = jax.jit(lambda g, s, p, link=link: link.update(g, s, p, grad_fn=elementwise))
+        hlo = step.lower(elementwise(params), link.init(params), params).compile().as_text()
+        assert 'all-gather' not in hlo, 'the ascent gathers sharded params'
+        reduced = re.findall(r'= (.*?) all-reduce(?:-start)?\(', hlo)
+        assert reduced, 'expected the global norm as an all-reduce'
+        for shapes in reduced:
+            assert re.fullmatch(r'\(?(\w+\[\](, (/\*index=\d+\*/)?)?)+\)?', shapes), shapes
+
+
 def main():
     assert len(jax.devices()) == N_DEV, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ('d',))
@@ -212,6 +277,8 @@ def main():
         lambda: check_shard_map_global(mesh),
         check_pmap_global,
         lambda: check_per_device_ascent(mesh),
+        check_fsdp_params_match_replicated,
+        check_fsdp_ascent_gathers_no_params,
     ]
     for check in checks:
         check()

@@ -63,14 +63,22 @@ def run(
     wd=1e-3,
     eps=1e-12,
     every_k=1,
+    frozen=(),
 ):
-    """Trains with `method` in {'sgd','sam','vasso','asam','fsam'}; returns the params."""
+    """Trains with `method` in {'sgd','sam','vasso','asam','fsam'}; returns the params.
+
+    Leaves named in `frozen` are constants of the loss: zero gradient (so no part of the
+    ascent) and never updated.
+    """
+    grad_at = lambda w, xb, yb: {
+        k: np.zeros_like(v) if k in frozen else v for k, v in grad(w, xb, yb).items()
+    }
     w = {k: np.array(v, np.float64) for k, v in params.items()}
     mom = {k: np.zeros_like(v) for k, v in w.items()}
     d = m = None
     for t, b in enumerate(idx):
         xb, yb = x[b], y[b]
-        g = grad(w, xb, yb)
+        g = grad_at(w, xb, yb)
         if method == 'vasso':
             d = g if d is None else {k: (1 - theta) * d[k] + theta * g[k] for k in LEAVES}
             direction = d
@@ -89,8 +97,10 @@ def run(
                 e = {k: rho * tw[k] * scaled[k] / (norm(scaled) + eps) for k in LEAVES}
             else:
                 e = {k: rho * direction[k] / (norm(direction) + eps) for k in LEAVES}
-            g = grad({k: w[k] + e[k] for k in LEAVES}, xb, yb)
+            g = grad_at({k: w[k] + e[k] for k in LEAVES}, xb, yb)
         for k in LEAVES:
+            if k in frozen:
+                continue
             step = g[k] + wd * w[k]  # add_decayed_weights
             mom[k] = step + momentum * mom[k]  # optax.sgd's trace
             w[k] = w[k] - lr * mom[k]

@@ -110,7 +110,8 @@ def test_state_is_arrays_with_expected_buffers(name):
     leaves = jax.tree.leaves(state)
     assert all(isinstance(x, jax.Array) for x in leaves)
     scalars = [x for x in leaves if x.ndim == 0]
-    assert {x.dtype for x in scalars} <= {jnp.dtype('int32'), jnp.dtype('float32')}
+    allowed = {jnp.dtype('int32'), jnp.dtype('float32'), jnp.dtype('bool')}  # bool: last_finite
+    assert {x.dtype for x in scalars} <= allowed
     params_sized = len(leaves) - len(scalars)
     assert params_sized == PARAMS_SIZED_BUFFERS[name] * len(jax.tree.leaves(params))
 

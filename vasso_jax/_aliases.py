@@ -1,22 +1,25 @@
 """Named methods: the engine plus one adversary each."""
 
-from typing import Any
+from collections.abc import Hashable
+from typing import Literal
 
+import jax
 import optax
 
 from vasso_jax import _directions, _sharpness
 
 
 def sam(
-    rho: Any = 0.05,
+    rho: optax.ScalarOrSchedule = 0.05,
     *,
     adaptive: bool = False,
-    eta: Any = 0.01,
-    eps: Any = 1e-12,
-    axis_name: Any | None = None,
-    ascent: str = 'global',
-    every_k: Any = 1,
+    eta: jax.typing.ArrayLike = 0.01,
+    eps: jax.typing.ArrayLike = 1e-12,
+    axis_name: Hashable | None = None,
+    ascent: Literal['global', 'per_device'] = 'global',
+    every_k: int = 1,
     keep_perturbation: bool = False,
+    perturbed_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-Aware Minimisation (SAM) as the first link of an optax chain.
 
@@ -26,7 +29,8 @@ def sam(
       \tilde g_t = \nabla L_{\mathcal B_t}(w_t + \epsilon_t).
 
     Args:
-      rho: perturbation radius >= 0 (float, array or schedule).
+      rho: perturbation radius >= 0 (float, array or schedule; a schedule's negative
+        values are clipped to 0).
       adaptive: use ASAM's scale-invariant perturbation (see :func:`asam`).
       eta: ASAM's offset, >= 0.
       eps: added to the norm, > 0.
@@ -35,6 +39,8 @@ def sam(
       every_k: sharpness-aware gradient every k-th step, plain gradient otherwise.
       keep_perturbation: keep the last perturbation in the state (see
         :func:`vasso_jax.sharpness_aware`).
+      perturbed_dtype: dtype of the point given to ``grad_fn``; ``None``: the params'
+        precision, at least float32 (see :func:`vasso_jax.sharpness_aware`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call its ``update`` with
@@ -68,21 +74,23 @@ def sam(
         ascent=ascent,
         every_k=every_k,
         keep_perturbation=keep_perturbation,
+        perturbed_dtype=perturbed_dtype,
     )
 
 
 def vasso(
-    rho: Any = 0.1,
-    theta: Any = 0.4,
+    rho: optax.ScalarOrSchedule = 0.1,
+    theta: optax.ScalarOrSchedule = 0.4,
     *,
     adaptive: bool = False,
-    eta: Any = 0.01,
-    eps: Any = 1e-12,
-    axis_name: Any | None = None,
-    ascent: str = 'global',
-    every_k: Any = 1,
+    eta: jax.typing.ArrayLike = 0.01,
+    eps: jax.typing.ArrayLike = 1e-12,
+    axis_name: Hashable | None = None,
+    ascent: Literal['global', 'per_device'] = 'global',
+    every_k: int = 1,
     keep_perturbation: bool = False,
-    direction_dtype: Any | None = None,
+    perturbed_dtype: jax.typing.DTypeLike | None = None,
+    direction_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Variance-Suppressed Sharpness-Aware Optimisation (VaSSO).
 
@@ -99,8 +107,10 @@ def vasso(
     updates on every step.
 
     Args:
-      rho: perturbation radius >= 0 (float, array or schedule).
-      theta: weight of the newest gradient in ``(0, 1]`` (float, array or schedule).
+      rho: perturbation radius >= 0 (float, array or schedule; a schedule's negative
+        values are clipped to 0).
+      theta: weight of the newest gradient in ``(0, 1]`` (float, array or schedule; a
+        schedule's values are clipped into ``[0, 1]``).
       adaptive: scale-invariant (ASAM-style) perturbation of ``d_t``.
       eta: offset of the adaptive scaling, >= 0.
       eps: added to the norm, > 0.
@@ -109,6 +119,8 @@ def vasso(
       every_k: sharpness-aware gradient every k-th step, plain gradient otherwise.
       keep_perturbation: keep the last perturbation in the state (see
         :func:`vasso_jax.sharpness_aware`).
+      perturbed_dtype: dtype of the point given to ``grad_fn``; ``None``: the params'
+        precision, at least float32 (see :func:`vasso_jax.sharpness_aware`).
       direction_dtype: dtype of the stored ``d``; ``None`` keeps the params' dtype.
 
     Returns:
@@ -144,18 +156,20 @@ def vasso(
         ascent=ascent,
         every_k=every_k,
         keep_perturbation=keep_perturbation,
+        perturbed_dtype=perturbed_dtype,
     )
 
 
 def asam(
-    rho: Any = 0.5,
+    rho: optax.ScalarOrSchedule = 0.5,
     *,
-    eta: Any = 0.01,
-    eps: Any = 1e-12,
-    axis_name: Any | None = None,
-    ascent: str = 'global',
-    every_k: Any = 1,
+    eta: jax.typing.ArrayLike = 0.01,
+    eps: jax.typing.ArrayLike = 1e-12,
+    axis_name: Hashable | None = None,
+    ascent: Literal['global', 'per_device'] = 'global',
+    every_k: int = 1,
     keep_perturbation: bool = False,
+    perturbed_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adaptive SAM (ASAM): SAM with a scale-invariant neighbourhood.
 
@@ -177,6 +191,8 @@ def asam(
       every_k: sharpness-aware gradient every k-th step, plain gradient otherwise.
       keep_perturbation: keep the last perturbation in the state (see
         :func:`vasso_jax.sharpness_aware`).
+      perturbed_dtype: dtype of the point given to ``grad_fn``; ``None``: the params'
+        precision, at least float32 (see :func:`vasso_jax.sharpness_aware`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with no params-sized state.
@@ -205,21 +221,23 @@ def asam(
         ascent=ascent,
         every_k=every_k,
         keep_perturbation=keep_perturbation,
+        perturbed_dtype=perturbed_dtype,
     )
 
 
 def friendly_sam(
-    rho: Any = 0.05,
-    sigma: Any = 1.0,
-    lmbda: Any = 0.9,
+    rho: optax.ScalarOrSchedule = 0.05,
+    sigma: jax.typing.ArrayLike = 1.0,
+    lmbda: jax.typing.ArrayLike = 0.9,
     *,
     adaptive: bool = False,
-    eta: Any = 0.01,
-    eps: Any = 1e-12,
-    axis_name: Any | None = None,
-    ascent: str = 'global',
-    every_k: Any = 1,
+    eta: jax.typing.ArrayLike = 0.01,
+    eps: jax.typing.ArrayLike = 1e-12,
+    axis_name: Hashable | None = None,
+    ascent: Literal['global', 'per_device'] = 'global',
+    every_k: int = 1,
     keep_perturbation: bool = False,
+    perturbed_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Friendly-SAM (F-SAM): perturb along the batch-specific gradient component.
 
@@ -231,7 +249,8 @@ def friendly_sam(
     with :math:`d_1 = m_1 = g_1`; see :func:`vasso_jax.friendly_direction`.
 
     Args:
-      rho: perturbation radius >= 0 (float, array or schedule).
+      rho: perturbation radius >= 0 (float, array or schedule; a schedule's negative
+        values are clipped to 0).
       sigma: fraction of the momentum removed, in ``[0, 1]``.
       lmbda: momentum coefficient in ``[0, 1)``.
       adaptive: scale-invariant (ASAM-style) perturbation.
@@ -242,6 +261,8 @@ def friendly_sam(
       every_k: sharpness-aware gradient every k-th step, plain gradient otherwise.
       keep_perturbation: keep the last perturbation in the state (see
         :func:`vasso_jax.sharpness_aware`).
+      perturbed_dtype: dtype of the point given to ``grad_fn``; ``None``: the params'
+        precision, at least float32 (see :func:`vasso_jax.sharpness_aware`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` holding one params-sized buffer.
@@ -269,4 +290,5 @@ def friendly_sam(
         ascent=ascent,
         every_k=every_k,
         keep_perturbation=keep_perturbation,
+        perturbed_dtype=perturbed_dtype,
     )

@@ -7,13 +7,18 @@ the minibatch gradient ``g_t`` at the current weights and returns the raw
 adversary is therefore one small factory plus its test.
 """
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from vasso_jax import _checks
+
+
+def _precision(*xs) -> jnp.dtype:
+    """Arithmetic precision for mixing ``xs``: the widest of them, at least float32."""
+    return jnp.result_type(jnp.float32, *(x.dtype for x in xs))
 
 
 def gradient_direction() -> optax.GradientTransformation:
@@ -44,7 +49,9 @@ class VassoDirectionState(NamedTuple):
     d: optax.Updates
 
 
-def vasso_direction(theta: Any = 0.4, *, dtype: Any | None = None) -> optax.GradientTransformation:
+def vasso_direction(
+    theta: optax.ScalarOrSchedule = 0.4, *, dtype: jax.typing.DTypeLike | None = None
+) -> optax.GradientTransformation:
     r"""VaSSO's adversary: an exponential moving average of gradients.
 
     .. math::
@@ -56,8 +63,11 @@ def vasso_direction(theta: Any = 0.4, *, dtype: Any | None = None) -> optax.Grad
 
     Args:
       theta: weight of the newest gradient, in ``(0, 1]``; a float, an array or
-        a schedule ``step -> theta`` evaluated on the number of gradients seen.
-      dtype: dtype of the stored direction; ``None`` keeps the params' dtype.
+        a schedule ``step -> theta`` evaluated on the number of gradients seen. What a
+        schedule (or a traced value) gives is clipped into ``[0, 1]``; 0 keeps ``d``.
+      dtype: dtype of the stored direction; ``None`` keeps the params' dtype. The
+        average is computed in the wider of ``d``'s and the gradient's precision, at
+        least float32, so float64 params keep a float64 ``d`` and ``d_1 = g_1`` exactly.
 
     Returns:
       An ``optax.GradientTransformation`` holding one params-sized buffer.
@@ -84,12 +94,15 @@ def vasso_direction(theta: Any = 0.4, *, dtype: Any | None = None) -> optax.Grad
 
     def update_fn(updates, state, params=None):
         del params
-        th = theta(state.count) if callable(theta) else theta
+        th = theta
+        if _checks.concrete_float(theta) is None:  # schedules, traced values: clip into [0, 1]
+            th = jnp.clip(theta(state.count) if callable(theta) else theta, 0.0, 1.0)
         first = state.count == 0
 
         def ema(d, g):
-            new = (1.0 - th) * d.astype(jnp.float32) + th * g.astype(jnp.float32)
-            return jnp.where(first, g.astype(jnp.float32), new).astype(d.dtype)
+            dt = _precision(d, g)
+            new = (1.0 - th) * d.astype(dt) + th * g.astype(dt)
+            return jnp.where(first, g.astype(dt), new).astype(d.dtype)
 
         d = jax.tree.map(ema, state.d, updates)
         count = optax.safe_increment(state.count)
@@ -105,7 +118,9 @@ class FriendlyDirectionState(NamedTuple):
     m: optax.Updates
 
 
-def friendly_direction(sigma: Any = 1.0, lmbda: Any = 0.9) -> optax.GradientTransformation:
+def friendly_direction(
+    sigma: jax.typing.ArrayLike = 1.0, lmbda: jax.typing.ArrayLike = 0.9
+) -> optax.GradientTransformation:
     r"""Friendly-SAM's adversary: the gradient minus its full-batch estimate.
 
     .. math::
@@ -150,11 +165,13 @@ def friendly_direction(sigma: Any = 1.0, lmbda: Any = 0.9) -> optax.GradientTran
         first = state.count == 0
 
         def direction(m, g):
-            d = g.astype(jnp.float32) - sigma * m.astype(jnp.float32)
+            dt = _precision(m, g)
+            d = g.astype(dt) - sigma * m.astype(dt)
             return jnp.where(first, g, d.astype(g.dtype))
 
         def momentum(m, g):
-            new = lmbda * m.astype(jnp.float32) + (1.0 - lmbda) * g.astype(jnp.float32)
+            dt = _precision(m, g)
+            new = lmbda * m.astype(dt) + (1.0 - lmbda) * g.astype(dt)
             return jnp.where(first, g.astype(m.dtype), new.astype(m.dtype))
 
         d = jax.tree.map(direction, state.m, updates)

@@ -192,11 +192,11 @@ def one_pass(
         d = jax.tree.map(lambda new, prev: new.astype(prev.dtype), d, state.direction)
         count = optax.safe_increment(state.count)
         radius = rho(count) if callable(rho) else rho
-        norm = jnp.sqrt(_sharpness._sum_squares(d))
+        norm = jnp.sqrt(_sharpness._sum_squares(d, jnp.float32))
         scale = (jnp.asarray(radius, jnp.float32) / (norm + eps)).astype(jnp.float32)
-        grad_norm = jnp.sqrt(_sharpness._sum_squares(updates))
+        grad_norm = jnp.sqrt(_sharpness._sum_squares(updates, jnp.float32))
         denom = grad_norm * state.direction_norm
-        dot = _sharpness._dot(updates, state.direction)
+        dot = _sharpness._dot(updates, state.direction, jnp.float32)
         cosine = jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
         new_state = OnePassState(count, scale, d, base_state, grad_norm, norm, cosine)
 

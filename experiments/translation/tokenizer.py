@@ -58,6 +58,8 @@ def train(texts: Iterable[str], vocab_size: int, *, seed: int = 0) -> bytes:
     (a test corpus) gets a smaller vocabulary instead of an error.
     """
     model = io.BytesIO()
+    # SentencePiece's sentence sampling draws from a process-wide generator.
+    spm.set_random_generator_seed(seed + 1)  # 0 would mean "unseeded"
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=model,
@@ -68,7 +70,6 @@ def train(texts: Iterable[str], vocab_size: int, *, seed: int = 0) -> bytes:
         pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
         input_sentence_size=_MAX_TRAIN_SENTENCES,
         shuffle_input_sentence=True,
-        random_seed=seed + 1,  # SentencePiece reads 0 as "unseeded"
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )

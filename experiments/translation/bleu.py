@@ -20,8 +20,8 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 
 
 def detokenize(decode: Callable[[np.ndarray], str], tokens) -> list[str]:
-    """Each row of ``tokens`` (an array of ids, EOS-terminated) decoded to text by ``decode``."""
-    return [decode(row) for row in np.asarray(tokens)]
+    """Each row of ``tokens`` (ids, EOS-terminated) decoded to text by ``decode``."""
+    return [decode(np.asarray(row)) for row in tokens]
 
 
 def format_samples(sources: Sequence[str], hypotheses: Sequence[str],

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from experiments.translation import data
 from experiments.translation import tokenizer as tokenizer_lib
 
 PAD, BOS, EOS = tokenizer_lib.PAD, tokenizer_lib.BOS, tokenizer_lib.EOS
@@ -126,3 +127,30 @@ def beam_search(graphdef, params, rest, src, *, max_len: int, beam_size: int = 5
              jnp.full((b, k), -jnp.inf), jnp.zeros((b,), jnp.int32))
     state = jax.lax.while_loop(cond, body, state)
     return state[5][:, 0], state[6][:, 0]
+
+
+def translate(graphdef, params, rest, src, *, max_tokens: int, beam_size: int = 5,
+              length_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10):
+    """Translates every source sentence ``src`` (a list of id arrays ending in EOS).
+
+    The sentences are bucketed by length as in training (`data.make_plan`) and each bucket
+    of padded length L decodes up to ``int(max_len_a * L) + max_len_b`` tokens, so the
+    search compiles once per bucket. ``beam_size=1`` decodes greedily.
+
+    Returns:
+      The output ids of each sentence, in the order of ``src``: int32 arrays ending in EOS.
+    """
+    plan = data.make_plan(src, src, max_tokens=max_tokens)
+    outputs = [None] * len(src)
+    for indices, length in plan.ordered_batches():
+        batch = jnp.asarray(data.make_batch(src, src, indices, length)['src'])
+        max_len = int(max_len_a * length) + max_len_b
+        if beam_size == 1:
+            tokens = greedy_search(graphdef, params, rest, batch, max_len=max_len)
+        else:
+            tokens, _ = beam_search(graphdef, params, rest, batch, max_len=max_len,
+                                    beam_size=beam_size, length_penalty=length_penalty)
+        for i, row in zip(indices, jax.device_get(tokens)):
+            if i >= 0:
+                outputs[i] = row[:list(row).index(EOS) + 1]
+    return outputs

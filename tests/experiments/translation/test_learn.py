@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments.benchmarks import measure
 from experiments.translation import bleu, data, decode, steps
 from experiments.translation import model as model_lib
 
@@ -31,16 +32,20 @@ def test_tiny_transformer_learns_to_reverse_with_bleu_above_90():
     tx = steps.make_optimizer('none', learning_rate=2e-3, warmup_steps=100, weight_decay=0.0)
     opt_state = tx.init(params)
     train_step = jax.jit(steps.make_train_step(graphdef, tx, smoothing=0.0))
-    for step in range(350):
-        batch = data.make_batch(src, tgt, *plan.batch(step, seed=0))
-        params, opt_state, metrics = train_step(params, rest, opt_state, batch,
-                                                steps.dropout_key(0, step))
+    with measure.CompileCounter('train_step') as compiles:
+        for step in range(350):
+            batch = data.make_batch(src, tgt, *plan.batch(step, seed=0))
+            params, opt_state, metrics = train_step(params, rest, opt_state, batch,
+                                                    steps.dropout_key(0, step))
     assert float(metrics['loss']) < 0.1, float(metrics['loss'])
+    assert compiles.count == len(plan.buckets) == 2  # one compilation per bucket
 
     references = [_text(t) for t in test_tgt]
-    for beam_size in (1, 5):  # greedy and beam search
-        tokens = decode.translate(graphdef, params, rest, test_src, max_tokens=512,
-                                  beam_size=beam_size, max_len_a=1.0, max_len_b=2)
+    for beam_size, name in ((1, 'greedy_search'), (5, 'beam_search')):
+        with measure.CompileCounter(name) as compiles:
+            tokens = decode.translate(graphdef, params, rest, test_src, max_tokens=512,
+                                      beam_size=beam_size, max_len_a=1.0, max_len_b=2)
+        assert compiles.count == 2  # once per bucket
         hypotheses = bleu.detokenize(_text, tokens)
         assert bleu.corpus_bleu(hypotheses, references) >= 90, bleu.format_samples(
             [_text(s) for s in test_src], hypotheses, references)

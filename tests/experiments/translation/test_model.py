@@ -33,6 +33,22 @@ def _src():
     return jnp.array([[5, 9, 11, 7, 3, 0, 0], [12, 6, 3, 0, 0, 0, 0]], jnp.int32)
 
 
+def _searchable():
+    """A random model made to end some outputs early, and six sources to decode.
+
+    At initialisation the decoder repeats one token until EOS is forced; larger weights
+    and a bias towards EOS in the last LayerNorm give varied outputs that end at
+    different steps, which is what the searches have to get right.
+    """
+    graphdef, params, rest = _model()
+    params = jax.tree.map(lambda x: 2 * x, params)
+    eos_row = params['embed']['embedding'][...][3]
+    params['decoder'][1]['norms'][2]['bias'][...] = 7 * eos_row / jnp.sum(eos_row ** 2)
+    rng = np.random.default_rng(0)
+    src = np.where(np.arange(7) < rng.integers(2, 7, (6, 1)), rng.integers(4, 24, (6, 7)), 0)
+    return (graphdef, params, rest), jnp.asarray(src, jnp.int32)
+
+
 def _log_probs(model, src, tokens):
     """float64 log p of every output token given the prefix, by a full teacher-forced pass."""
     graphdef, params, rest = model
@@ -59,29 +75,26 @@ def test_incremental_decoding_equals_full_recompute(normalize_before):
 
 
 def test_beam_of_one_equals_greedy_token_for_token():
-    graphdef, params, rest = _model()
-    src = _src()
-    greedy = decode.greedy_search(graphdef, params, rest, src, max_len=9)
-    beam, _ = decode.beam_search(graphdef, params, rest, src, max_len=9, beam_size=1)
-    np.testing.assert_array_equal(np.asarray(beam), np.asarray(greedy))
-    # fairseq's constraints: no EOS first, EOS by the last step, PAD after it.
-    greedy = np.asarray(greedy)
-    assert (greedy[:, 0] != 3).all()
-    for row in greedy:
-        end = list(row).index(3)
-        assert (row[end + 1:] == 0).all() and (row[:end] > 3).all()
-
-
-def test_beam_search_score_is_the_length_normalised_log_prob_and_beats_greedy():
-    model = _model()
-    src = _src()
-    tokens, scores = decode.beam_search(*model, src, max_len=9, beam_size=3, length_penalty=0.7)
+    model, src = _searchable()
     greedy = decode.greedy_search(*model, src, max_len=9)
-    beam_logp, greedy_logp = _log_probs(model, src, tokens), _log_probs(model, src, greedy)
+    beam, _ = decode.beam_search(*model, src, max_len=9, beam_size=1)
+    np.testing.assert_array_equal(np.asarray(beam), np.asarray(greedy))
+    # fairseq's constraints: no EOS first, EOS by the last step, PAD after it; never
+    # PAD or BOS before the end.
+    greedy = np.asarray(greedy)
+    ends = [list(row).index(3) for row in greedy]
+    assert min(ends) < 8 and max(ends) == 8  # some end early, some are forced to end
+    for row, end in zip(greedy, ends):
+        assert (row[end + 1:] == 0).all() and not np.isin(row[:end], [0, 2, 3]).any()
+
+
+def test_beam_search_score_is_the_length_normalised_log_prob():
+    model, src = _searchable()
+    tokens, scores = decode.beam_search(*model, src, max_len=9, beam_size=3, length_penalty=0.7)
+    logp = _log_probs(model, src, tokens)
     for b in range(src.shape[0]):
-        expected = _normalised_score(beam_logp[b], np.asarray(tokens[b]), 0.7)
+        expected = _normalised_score(logp[b], np.asarray(tokens[b]), 0.7)
         np.testing.assert_allclose(float(scores[b]), expected, rtol=1e-4)
-        assert expected >= _normalised_score(greedy_logp[b], np.asarray(greedy[b]), 0.7) - 1e-6
 
 
 def test_label_smoothed_loss_matches_numpy_and_ignores_padding():

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 import vasso_jax
+from experiments.translation import data
 from experiments.translation import model as model_lib
 
 METHODS = ('none', 'sam', 'vasso')
@@ -132,6 +133,22 @@ def make_eval_step(graphdef, *, smoothing: float = 0.1):
         return dict(loss_sum=sums[0], nll_sum=sums[1], tokens=sums[2])
 
     return eval_step
+
+
+def evaluate(eval_step, params, rest, src, tgt, plan: data.Plan) -> dict[str, float]:
+    """Loss, NLL and perplexity per target token over every example of ``plan``.
+
+    ``eval_step`` is `make_eval_step`'s function, jitted (once per bucket); ``src``/``tgt``
+    and ``plan`` as for `data.make_batch` and `data.make_plan`.
+    """
+    totals = None
+    for indices, length in plan.ordered_batches():
+        sums = eval_step(params, rest, data.make_batch(src, tgt, indices, length))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+    tokens = max(totals['tokens'], 1.0)
+    return dict(loss=totals['loss_sum'] / tokens, nll=totals['nll_sum'] / tokens,
+                perplexity=perplexity(totals['nll_sum'], tokens), tokens=totals['tokens'])
 
 
 def dropout_key(seed: int, step):

@@ -72,13 +72,21 @@ def test_sam_second_pass_uses_the_first_pass_dropout_mask():
         np.testing.assert_allclose(np.asarray(n), np.asarray(w + u), rtol=1e-5, atol=1e-7)
 
 
-def test_eval_step_sums_and_perplexity():
+def test_evaluate_over_batches_equals_one_batch():
     graphdef, params, rest, batch = _setup()
-    sums = jax.jit(steps.make_eval_step(graphdef))(params, rest, batch)
-    assert float(sums['tokens']) == int((np.asarray(batch['tgt_out']) != 0).sum())
-    ppl = steps.perplexity(sums['nll_sum'], sums['tokens'])
-    np.testing.assert_allclose(ppl, np.exp(float(sums['nll_sum']) / float(sums['tokens'])),
-                               rtol=1e-6)
+    eval_step = jax.jit(steps.make_eval_step(graphdef))
+    sums = eval_step(params, rest, batch)
+    tokens = float(sums['tokens'])
+    assert tokens == int((np.asarray(batch['tgt_out']) != 0).sum())
+    # The same four examples in two batches of three rows (two empty filler rows): same sums.
+    src = [row[row != 0] for row in np.asarray(batch['src'])]
+    tgt = [row[row != 0] for row in np.asarray(batch['tgt_out'])]
+    result = steps.evaluate(eval_step, params, rest, src, tgt,
+                            data.make_plan(src, tgt, max_tokens=24, buckets=(8,)))
+    np.testing.assert_allclose(result['loss'], float(sums['loss_sum']) / tokens, rtol=1e-5)
+    np.testing.assert_allclose(result['perplexity'],
+                               np.exp(float(sums['nll_sum']) / tokens), rtol=1e-5)
+    assert result['tokens'] == tokens
 
 
 def test_unknown_method_names_the_choices():

@@ -6,8 +6,9 @@ The pipeline is a few pure functions a task calls in order::
     tok = tokenizer.load_or_train(cache_dir, key, 10_000, lambda: texts(pairs))
     src, tgt = encode_pairs(tok, pairs)
     keep = filter_by_length(src, tgt, max_source_positions, max_target_positions)
-    plan = make_plan([src[i] for i in keep], [tgt[i] for i in keep], max_tokens=4096)
-    batch = make_batch(src_kept, tgt_kept, *plan.batch(step, seed))     # any step, any order
+    src, tgt = [src[i] for i in keep], [tgt[i] for i in keep]
+    plan = make_plan(src, tgt, max_tokens=4096)
+    batch = make_batch(src, tgt, *plan.batch(step, seed))     # any step, in any order
 
 Shapes. Every example goes to the smallest of a few fixed bucket lengths L that holds its
 source and its target (EOS included); a bucket's batches are ``max_tokens // L`` rows of

@@ -51,11 +51,13 @@ def vocab_path(cache_dir: str | os.PathLike, key: str, vocab_size: int) -> str:
     return os.path.join(os.fspath(cache_dir), f'spm_{safe}_{vocab_size}.model')
 
 
-def train(texts: Iterable[str], vocab_size: int, *, seed: int = 0) -> bytes:
+def train(texts: Iterable[str], vocab_size: int, *, seed: int = 0, num_threads: int = 1) -> bytes:
     """Trains a unigram SentencePiece model on ``texts`` and returns its serialized proto.
 
     The vocabulary size is a soft limit, so a corpus too small for ``vocab_size`` pieces
-    (a test corpus) gets a smaller vocabulary instead of an error.
+    (a test corpus) gets a smaller vocabulary instead of an error. With one thread the
+    result depends on the texts and ``seed`` only, so processes that train at the same
+    time (no cache yet) agree; more threads are faster but may differ in the last pieces.
     """
     model = io.BytesIO()
     # SentencePiece's sentence sampling draws from a process-wide generator.
@@ -70,14 +72,15 @@ def train(texts: Iterable[str], vocab_size: int, *, seed: int = 0) -> bytes:
         pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
         input_sentence_size=_MAX_TRAIN_SENTENCES,
         shuffle_input_sentence=True,
-        num_threads=os.cpu_count() or 1,
+        num_threads=num_threads,
         minloglevel=2,
     )
     return model.getvalue()
 
 
 def load_or_train(
-    cache_dir: str | os.PathLike, key: str, vocab_size: int, texts_fn, *, seed: int = 0
+    cache_dir: str | os.PathLike, key: str, vocab_size: int, texts_fn, *, seed: int = 0,
+    num_threads: int = 1,
 ) -> Tokenizer:
     """The cached vocabulary of ``key`` if present, else one trained on ``texts_fn()`` and cached.
 
@@ -88,6 +91,7 @@ def load_or_train(
       texts_fn: called only when training is needed; returns the training texts of both
         languages.
       seed: SentencePiece's sampling seed.
+      num_threads: SentencePiece's training threads (see `train`).
 
     Returns:
       The `Tokenizer`.
@@ -96,7 +100,7 @@ def load_or_train(
     if os.path.exists(path):
         with open(path, 'rb') as f:
             return Tokenizer(f.read())
-    proto = train(texts_fn(), vocab_size, seed=seed)
+    proto = train(texts_fn(), vocab_size, seed=seed, num_threads=num_threads)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # Atomic: a run killed mid-write leaves no half file for the next run to trust.
     tmp = f'{path}.tmp{os.getpid()}'

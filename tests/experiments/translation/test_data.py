@@ -145,3 +145,8 @@ def test_unprepared_dataset_is_a_one_line_error_naming_data_dir(tmp_path):
     assert '\n' not in str(info.value) and 'ted_multi_translate' in str(info.value)
     with pytest.raises(ValueError, match='choose one of'):
         data.load_pairs('iwslt14', 'train')
+
+
+def test_sentencepiece_training_is_deterministic():
+    # Processes that find no cached vocabulary train their own; they must agree.
+    assert tokenizer_lib.train(iter(SENTENCES), 60) == tokenizer_lib.train(iter(SENTENCES), 60)

@@ -26,6 +26,7 @@ from vasso_jax._directions import (
     gradient_direction,
     vasso_direction,
 )
+from vasso_jax._monitor import StabilityMonitorState, track_stability
 from vasso_jax._parallel import device_varying
 from vasso_jax._sharpness import SharpnessAwareState, sharpness_aware
 
@@ -36,6 +37,7 @@ __all__ = (
     'PerturbationStability',
     'PerturbationStabilityState',
     'SharpnessAwareState',
+    'StabilityMonitorState',
     'VassoDirectionState',
     'asam',
     'cosine_similarity',
@@ -49,6 +51,7 @@ __all__ = (
     'perturbation_stability',
     'sam',
     'sharpness_aware',
+    'track_stability',
     'vasso',
     'vasso_direction',
 )

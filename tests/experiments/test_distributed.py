@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from experiments import metrics, trainer
 from experiments.configs import digits_resnet
+from experiments.image_classification import task
+from experiments.runtime import errors, metrics
 from tests.experiments.conftest import REPO, cli_command, cli_env, run_cli
 
 TINY = ['--config.model_kwargs.width=4', '--config.progress_bar=False']
@@ -167,9 +168,9 @@ def test_batch_or_shards_not_divisible_by_devices_is_one_line(tmp_path, flags, m
 def test_data_shards_must_divide_the_batch(shards):
     config = digits_resnet.get_config()
     config.batch_size, config.data_shards = 64, shards
-    with pytest.raises(trainer.ConfigError, match=rf'--config.data_shards={shards} must be 0 '
+    with pytest.raises(errors.ConfigError, match=rf'--config.data_shards={shards} must be 0 '
                        r'\(one per device\) or divide --config.batch_size=64.'):
-        trainer.validate_config(config)
+        task.validate_config(config)
 
 
 @pytest.mark.parametrize('group,message', [
@@ -179,15 +180,15 @@ def test_data_shards_must_divide_the_batch(shards):
 def test_ascent_group_size_must_divide_the_batch(group, message):
     config = digits_resnet.get_config()
     config.batch_size, config.ascent_group_size = 64, group
-    with pytest.raises(trainer.ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')):
-        trainer.validate_config(config)
+    with pytest.raises(errors.ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')):
+        task.validate_config(config)
 
 
 def test_ascent_group_size_needs_a_sharpness_aware_optimizer():
     config = digits_resnet.get_config()
     config.batch_size, config.ascent_group_size, config.optimizer = 64, 16, 'sgd'
-    with pytest.raises(trainer.ConfigError, match='needs a sharpness-aware'):
-        trainer.validate_config(config)
+    with pytest.raises(errors.ConfigError, match='needs a sharpness-aware'):
+        task.validate_config(config)
 
 
 def test_unreachable_coordinator_fails_in_bounded_time(tmp_path):
@@ -210,7 +211,7 @@ def test_unreachable_coordinator_fails_in_bounded_time(tmp_path):
     (['--num_processes=2'], 'Pass all of --coordinator_address'),
 ])
 def test_bad_distributed_flags(flags, message):
-    from experiments import distributed
+    from experiments.runtime import distributed
     values = {'coordinator_address': None, 'num_processes': None, 'process_id': None}
     for flag in flags:
         key, value = flag[2:].split('=')

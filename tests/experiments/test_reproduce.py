@@ -13,18 +13,10 @@ import optax
 import pytest
 
 import vasso_jax
-from experiments import (
-    aggregate,
-    diagnose,
-    grids,
-    loop,
-    models,
-    plots,
-    reproduce,
-    stability,
-    trainer,
-)
-from experiments.data import augment
+from experiments.image_classification import models, steps, task
+from experiments.image_classification.data import augment
+from experiments.runtime import errors, files, optimizers
+from experiments.study import aggregate, diagnose, grids, plots, reproduce
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,7 +34,7 @@ def test_every_cell_of_every_grid_has_a_valid_config(name):
     )
     for cell in cells:
         config = grids.make_config(grid, cell)
-        trainer.validate_config(config)
+        task.validate_config(config)
         assert (config.optimizer, config.seed, config.label_noise, config.noise_seed) == (
             cell.optimizer,
             cell.seed,
@@ -86,7 +78,7 @@ def test_shards_are_disjoint_and_complete():
     assert sorted(c for s in shards for c in s) == sorted(cells)
     assert grids.parse_shard('3/5') == (3, 5)
     for bad in ('5/5', '-1/2', 'a/b', '1'):
-        with pytest.raises(trainer.ConfigError, match='must be i/n'):
+        with pytest.raises(errors.ConfigError, match='must be i/n'):
             grids.parse_shard(bad)
 
 
@@ -96,16 +88,16 @@ def test_overrides_are_checked_and_typed():
         'data_dir': '/x',
         'rho': 0.2,
     }
-    with pytest.raises(trainer.ConfigError, match='key=value'):
+    with pytest.raises(errors.ConfigError, match='key=value'):
         grids.parse_overrides(['num_epochs'])
     grid, cell = grids.GRIDS['digits'], grids.cells(grids.GRIDS['digits'])[0]
     config = grids.make_config(grid, cell, {'model_kwargs.width': 4, 'seed': 7})
     assert (config.model_kwargs.width, config.seed) == (4, 7)  # --set wins over the cell
-    with pytest.raises(trainer.ConfigError, match="'nope' is not a config field"):
+    with pytest.raises(errors.ConfigError, match="'nope' is not a config field"):
         grids.make_config(grid, cell, {'nope': 1})
-    with pytest.raises(trainer.ConfigError, match='wrong type'):
+    with pytest.raises(errors.ConfigError, match='wrong type'):
         grids.make_config(grid, cell, {'num_epochs': 'many'})
-    with pytest.raises(trainer.ConfigError, match='--grid'):
+    with pytest.raises(errors.ConfigError, match='--grid'):
         grids.get_grid('imagenet')
 
 
@@ -251,7 +243,7 @@ def test_tracked_link_matches_a_hand_computed_sequence():
         np.array([-1.0, 0.5]),
     ]
     rho = 0.5
-    tx = stability.track(vasso_jax.sam(rho, keep_perturbation=True))
+    tx = vasso_jax.track_stability(vasso_jax.sam(rho, keep_perturbation=True))
     w = jnp.zeros(2)
     state = tx.init(w)
     step = jax.jit(lambda g, s: tx.update(g, s, w, grad_fn=lambda p: g))
@@ -274,7 +266,7 @@ def test_tracked_link_matches_a_hand_computed_sequence():
 
 def test_track_needs_the_perturbation():
     with pytest.raises(ValueError, match='keep_perturbation=True'):
-        stability.track(vasso_jax.vasso(0.1, 0.4)).init(jnp.zeros(2))
+        vasso_jax.track_stability(vasso_jax.vasso(0.1, 0.4)).init(jnp.zeros(2))
 
 
 def test_stability_summary():
@@ -283,8 +275,9 @@ def test_stability_summary():
         {'step': 2, 'loss': 1.0},
         {'step': 3, 'eps_cosine': 0.6, 'eps_variance': 1.0},
     ]
-    assert stability.summarize(history) == {'eps_cosine': pytest.approx(0.4), 'eps_variance': 1.0}
-    assert stability.summarize([{'step': 1}]) == {}
+    expected = {'eps_cosine': pytest.approx(0.4), 'eps_variance': 1.0}
+    assert aggregate.stability_summary(history) == expected
+    assert aggregate.stability_summary([{'step': 1}]) == {}
 
 
 @pytest.mark.slow
@@ -296,16 +289,16 @@ def test_trainer_logs_what_the_tracker_computes():
     model = models.get_model('wrn', 10, depth=10, widen_factor=1)
     config = grids.make_config(grids.GRIDS['digits'], grids.Cell('digits_resnet', 'vasso', 0.0, 0))
     assert config.log_stability
-    tx = trainer.make_optimizer(config, 0.05)
-    init_key, data_key, augment_key = trainer.split_keys(0)
-    state = trainer.create_train_state(
+    tx = optimizers.make_optimizer(config, 0.05)
+    init_key, data_key, augment_key = steps.split_keys(0)
+    state = steps.create_train_state(
         model, tx, image_shape=(8, 8, 1), init_key=init_key, augment_key=augment_key
     )
-    diagnostics = trainer.link_diagnostics(state.opt_state)
-    assert diagnostics == trainer.LINK_DIAGNOSTICS + stability.STABILITY_DIAGNOSTICS
+    diagnostics = optimizers.link_diagnostics(state.opt_state)
+    assert diagnostics == optimizers.LINK_DIAGNOSTICS + optimizers.STABILITY_DIAGNOSTICS
     augment_fn = lambda key, x: augment.normalize(x, mean=0.5, std=0.25)
     step = jax.jit(
-        trainer.make_train_step(
+        steps.make_train_step(
             model,
             tx,
             augment_fn,
@@ -315,13 +308,13 @@ def test_trainer_logs_what_the_tracker_computes():
             diagnostics=diagnostics,
         )
     )
-    data = trainer.shard_split(images, labels, labels, 1)
-    perm = trainer.epoch_permutation(data_key, 0, 1, 16)
+    data = steps.shard_split(images, labels, labels, 1)
+    perm = steps.epoch_permutation(data_key, 0, 1, 16)
     tracker = vasso_jax.perturbation_stability()
     tracked = tracker.init(state.params)
     for _ in range(3):
-        state, sums = step(state, trainer.zero_metrics(diagnostics), data, perm)
-        logged = trainer.summarize_train_metrics(jax.device_get(sums))
+        state, sums = step(state, steps.zero_metrics(diagnostics), data, perm)
+        logged = steps.summarize_train_metrics(jax.device_get(sums))
         want, tracked = tracker.update(optax.tree.get(state.opt_state, 'perturbation'), tracked)
         for name in ('cosine', 'mean_cosine', 'variance'):
             np.testing.assert_allclose(logged[f'eps_{name}'], want[name], rtol=1e-5, atol=1e-9)
@@ -366,9 +359,9 @@ def test_grid_runs_resumes_and_aggregates(tmp_path, mock_tfds):
     def interrupted_on_third(config, cell_dir):
         calls.append(os.path.basename(cell_dir))
         if len(calls) == 3:  # preempted halfway through the third cell
-            loop.train_and_evaluate(config, cell_dir, stop_at_step=2)
+            task.train_and_evaluate(config, cell_dir, stop_at_step=2)
             raise KeyboardInterrupt
-        return loop.train_and_evaluate(config, cell_dir)
+        return task.train_and_evaluate(config, cell_dir)
 
     with pytest.raises(KeyboardInterrupt):
         reproduce.run_grid(grid, workdir, train_fn=interrupted_on_third, log=lambda _: None)
@@ -380,7 +373,7 @@ def test_grid_runs_resumes_and_aggregates(tmp_path, mock_tfds):
     calls.clear()
     counting = lambda config, cell_dir: (
         calls.append(os.path.basename(cell_dir)),
-        loop.train_and_evaluate(config, cell_dir),
+        task.train_and_evaluate(config, cell_dir),
     )[1]
     reproduce.run_grid(grid, workdir, train_fn=counting, log=lambda _: None)
     assert calls == names[2:]  # finished cells are not trained again
@@ -412,7 +405,7 @@ def test_diagnostics_of_a_finished_cell(tmp_path, mock_tfds):
     assert 'lambda_max' in done
     cell_dir = os.path.join(str(tmp_path), cell.name)
     result = diagnose.read(cell_dir)
-    summary = aggregate.read_json(os.path.join(cell_dir, 'summary.json'))
+    summary = files.read_json(os.path.join(cell_dir, 'summary.json'))
     assert result['params_checksum'] == summary['params_checksum'] and result['step'] == 4
     assert np.isfinite(result['hessian_top_eigenvalue']) and result['hessian_top_eigenvalue'] > 0
     assert np.isfinite(result['m_sharpness'])

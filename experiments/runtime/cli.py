@@ -3,8 +3,9 @@
 ``app.run(main, flags_parser=cli.parse_flags)`` replaces absl's usage dump (exit code 1) and
 ml_collections' tracebacks (a missing config file, an unknown ``--config.KEY``) with one line
 on stderr that names the flag, and exit code 2, like every other bad input of the trainer.
-Exit codes of ``experiments.train``: 0 done or preempted (resumable), 2 bad input (flags,
-config, workdir), 3 non-finite training (see ``experiments/nonfinite.py``).
+The exit codes (``runtime/errors.py``) are the same for ``experiments.train``, ``experiments.demo``
+and ``experiments.reproduce``: 0 done or preempted (resumable), 2 bad input (flags, config,
+workdir, checkpoint, data), 3 non-finite training (see ``runtime/nonfinite.py``).
 """
 
 import contextlib
@@ -13,8 +14,10 @@ import sys
 
 from absl import flags
 
-EXIT_BAD_INPUT = 2
-EXIT_NONFINITE = 3
+from experiments.runtime import errors, nonfinite, preemption
+
+EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
+EXIT_NONFINITE = errors.EXIT_NONFINITE
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
@@ -30,20 +33,9 @@ def exit_on_run_errors():
     Bad input (data not prepared, config, workdir, checkpoint, distributed flags) exits 2,
     non-finite training 3, and a preemption prints how to resume and exits 0.
     """
-    from experiments import (
-        checkpointing,
-        data,
-        distributed,
-        nonfinite,
-        preemption,
-        trainer,
-        workdir,
-    )
     try:
         yield
-    except (data.DatasetNotFoundError, trainer.ConfigError,
-            checkpointing.CheckpointMismatchError, workdir.WorkdirError,
-            distributed.DistributedError) as e:
+    except errors.BadInputError as e:
         fail(e)
     except nonfinite.NonFiniteError as e:
         fail(e, EXIT_NONFINITE)

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 import tensorboardX
 
+from experiments.runtime import files
+
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
 
@@ -57,7 +59,7 @@ class MetricWriter:
         self._tb = None
         if write_files:
             # Rewritten beside and renamed over: a crash here never loses the history.
-            _write_atomically(self.path, ''.join(json.dumps(r) + '\n' for r in self.history))
+            files.write_atomic(self.path, ''.join(json.dumps(r) + '\n' for r in self.history))
             self._tb = tensorboardX.SummaryWriter(
                 os.path.join(workdir, 'tensorboard'), purge_step=start_step or None)
 
@@ -94,20 +96,8 @@ def best(history: Iterable[dict], key: str, default=None):
     return max(values) if values else default
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
-    temporary = f'{path}.tmp'
-    with open(temporary, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
 def write_summary(workdir: str, summary: dict) -> str:
-    path = os.path.join(workdir, SUMMARY_FILE)
-    _write_atomically(path, json.dumps(summary, indent=2, sort_keys=True) + '\n')
-    return path
+    return files.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
 
 
 def format_summary(summary: dict) -> str:

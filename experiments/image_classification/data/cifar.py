@@ -15,6 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow_datasets as tfds
 
+from experiments.runtime import errors
+
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'cifar10_n': 10}
 # The alternative label fields of CIFAR-10N's train split (Wei et al., ICLR 2022):
 # 'worse_label' (40.2% noise) is the hardest; 'aggre_label' (9.0%) is the majority vote.
@@ -24,7 +26,7 @@ HUMAN_LABELS = ('worse_label', 'aggre_label', 'random_label1', 'random_label2', 
 _CHUNK = 2048
 
 
-class DatasetNotFoundError(ValueError):
+class DatasetNotFoundError(errors.BadInputError):
     """The TFDS dataset is not prepared (as ArrayRecord) under the data directory."""
 
 

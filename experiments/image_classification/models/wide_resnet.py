@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from experiments.models import resnet
+from experiments.image_classification.models import resnet
 
 SHORTCUTS = ('projection', 'zero_pad')
 

@@ -13,12 +13,11 @@ import errno
 import fcntl
 import json
 import os
-import tempfile
 
 import ml_collections
 from absl import logging
 
-from experiments.configs import default as default_config
+from experiments.runtime import errors, files
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
@@ -36,7 +35,7 @@ EXEMPT_KEYS = (
 )
 
 
-class WorkdirError(ValueError):
+class WorkdirError(errors.BadInputError):
     """The workdir cannot take this run; the message is one line and names the fix."""
 
 
@@ -116,13 +115,19 @@ def changed_keys(old: dict, new: dict) -> list[str]:
 
 
 def check_config(
-    workdir: str, config: ml_collections.ConfigDict, *, allow_change: bool = False
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    *,
+    defaults: ml_collections.ConfigDict | None = None,
+    allow_change: bool = False,
 ) -> None:
     """Refuses ``config`` when ``workdir`` was started with a config that differs from it.
 
     Args:
       workdir: the run's folder; nothing is checked when it has no ``config.json``.
       config: this run's config.
+      defaults: the task's default config; a top-level key missing from an older workdir's
+        ``config.json`` ran at its default there.
       allow_change: continue anyway (with a warning naming the changed keys).
 
     Raises:
@@ -132,15 +137,15 @@ def check_config(
     if not os.path.exists(path):
         return
     try:
-        with open(path) as f:
-            old = json.load(f)
+        old = files.read_json(path)
     except (OSError, ValueError) as e:
         raise WorkdirError(
             f'{path} is unreadable ({e}); repair or delete it, or pass another --workdir.'
         ) from e
     # A key added to the trainer since the workdir was started ran at its default.
-    defaults = _flatten(config_dict(default_config.get_config()))
-    old = {**{k: v for k, v in defaults.items() if '.' not in k}, **old}
+    if defaults is not None:
+        flat_defaults = _flatten(config_dict(defaults))
+        old = {**{k: v for k, v in flat_defaults.items() if '.' not in k}, **old}
     changed = changed_keys(old, config_dict(config))
     if not changed:
         return
@@ -158,23 +163,8 @@ def check_config(
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes ``WORKDIR/config.json`` atomically: a crash leaves the old file or the new one."""
-    write_atomic(
+    files.write_atomic(
         os.path.join(workdir, CONFIG_FILE),
         config.to_json_best_effort(indent=2, sort_keys=True) + '\n',
     )
 
-
-def write_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to a temporary file next to ``path``, then renames it onto ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from experiments.data import cifar, digits, noise
+from experiments.image_classification.data import cifar, digits, noise
+from experiments.runtime import imports
 
 DATASETS = ('cifar10', 'cifar100', 'cifar10_n', 'digits')
 NOISE_TYPES = ('symmetric', 'asymmetric')
@@ -133,6 +134,13 @@ def _array_reader(columns: dict[str, np.ndarray]) -> tuple[int, Callable]:
     return len(columns['label']), lambda rows: {k: v[rows] for k, v in columns.items()}
 
 
+def check_name(name: str) -> None:
+    """Raises a one-line ValueError for a name that is neither built in nor an import path."""
+    if name not in DATASETS and not imports.is_import_path(name):
+        raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, or "
+                         'an import path such as my_pkg.data:load.')
+
+
 def check_noise(name: str, label_noise: float, noise_type: str) -> None:
     """Raises a one-line ValueError for label noise that cannot apply to dataset ``name``."""
     if noise_type not in NOISE_TYPES:
@@ -156,16 +164,22 @@ def open_dataset(
     data_dir: str | os.PathLike | None = None,
     validation_size: int = 0,
     human_label: str = 'worse_label',
+    dataset_kwargs: dict | None = None,
 ) -> Source:
     """Opens a dataset for reading by row, optionally holding out a validation split.
 
     Args:
       name: one of `DATASETS`: ``'cifar10'``, ``'cifar100'``, ``'cifar10_n'`` (CIFAR-10
-        with real human label noise) or ``'digits'`` (scikit-learn's 8x8 digits, offline).
+        with real human label noise) or ``'digits'`` (scikit-learn's 8x8 digits, offline);
+        or an import path ``'my_pkg.data:load'`` of a function that returns ``(train, test,
+        num_classes)`` like `experiments.image_classification.data.digits.load_digits`
+        (``train`` and ``test`` dicts of ``'image'`` uint8 ``(N, H, W, C)`` and ``'label'``
+        int32 ``(N,)``).
       data_dir: TFDS data directory holding the prepared (ArrayRecord) dataset; None means
         TFDS's default. Ignored by ``'digits'``.
       validation_size: if > 0, the last `validation_size` training examples become the
         evaluation split in place of the test split (with clean labels).
+      dataset_kwargs: keyword arguments of an import-path dataset's function.
       human_label: cifar10_n only: which human label field to train on, one of
         `experiments.data.cifar.HUMAN_LABELS`; ``'worse_label'`` is the noisiest (40%).
 
@@ -183,12 +197,12 @@ def open_dataset(
       >>> source.num_train, source.num_eval, source.read_eval([0, 1])['image'].shape
       (1338, 100, (2, 8, 8, 1))
     """
-    if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}.")
+    check_name(name)
     if validation_size < 0:
         raise ValueError(f'validation_size must be >= 0, got {validation_size}.')
-    if name == 'digits':
-        train, test, num_classes = digits.load_digits()
+    if imports.is_import_path(name) or name == 'digits':
+        load = imports.resolve(name) if name != 'digits' else digits.load_digits
+        train, test, num_classes = load(**(dataset_kwargs or {}))
         (num_train, read_train), (num_eval, read_eval) = _array_reader(train), _array_reader(test)
     else:
         (num_train, read_train), (num_eval, read_eval), num_classes = cifar.open_cifar(
@@ -243,6 +257,7 @@ def load_dataset(
     noise_type: str = 'symmetric',
     noise_seed: int = 0,
     human_label: str = 'worse_label',
+    dataset_kwargs: dict | None = None,
 ) -> Dataset:
     """Reads a whole dataset into memory, optionally holding out a validation split and
     adding label noise.
@@ -271,11 +286,10 @@ def load_dataset(
       ((1438, 8, 8, 1), 10, 288)
     """
     # Everything that can be checked before a (slow) read is checked first.
-    if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}.")
+    check_name(name)
     check_noise(name, label_noise, noise_type)
     source = open_dataset(name, data_dir=data_dir, validation_size=validation_size,
-                          human_label=human_label)
+                          human_label=human_label, dataset_kwargs=dataset_kwargs)
     train = source.read_train(np.arange(source.num_train))
     test = source.read_eval(np.arange(source.num_eval))
     labels = trained_labels(source, train['label'], train.get('noisy_label'),

@@ -1,12 +1,11 @@
 """Small pure functions that train a Flax classifier with a sharpness-aware optax chain.
 
-In the order a run uses them: :func:`make_schedule`, :func:`make_optimizer` (the public
-``vasso_jax`` link, weight decay, SGD: what a user writes), :func:`create_train_state`,
-:func:`epoch_permutation`, :func:`make_train_step` (one jitted step: gather the batch from the
-on-device split, augment, two passes, accumulate metrics), :func:`make_eval_step` and
-:func:`evaluate` (batches of the on-device split, padding masked) and
-:func:`params_checksum`. Nothing here touches files or the clock; the loop that does lives
-in ``experiments/loop.py``.
+In the order a run uses them: :func:`create_train_state`, :func:`epoch_permutation`,
+:func:`make_train_step` (one step: gather the batch from the on-device split, augment, two
+passes, accumulate metrics), :func:`make_eval_step` and :func:`evaluate` (batches of the
+on-device split, padding masked). The optax chain comes from ``experiments/runtime/
+optimizers.py``; nothing here touches files or the clock (``experiments/runtime/loop.py``
+does).
 
 Reproducibility contract (what resuming relies on): the whole run is a function of the config.
 The data order of epoch ``e`` is ``permutation(fold_in(data_key, e))``, the batch of step ``s``
@@ -16,34 +15,20 @@ exactly.
 """
 
 import functools
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-import vasso_jax
-from experiments import stability
+from experiments.runtime import errors, optimizers
 
-OPTIMIZERS = ('sgd', 'sam', 'vasso', 'asam')
-BASE_OPTIMIZERS = ('sgd', 'adamw')
-LR_SCHEDULES = ('cosine', 'constant')
 # Initialisation runs once, so on CPU XLA's backend optimisations only slow its compile
 # (ResNet-18: ~30 s -> ~2 s on two cores; the random initialisers dominate).
 _FAST_COMPILE = {'xla_backend_optimization_level': 0}
-# Scalars the sharpness-aware link keeps in its state (read with optax.tree.get).
-# The vmap axis over example groups of m-sharpness (config.ascent_group_size > 0).
-GROUP_AXIS = 'ascent_group'
-LINK_DIAGNOSTICS = ('grad_norm', 'direction_norm', 'cosine')
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line and names the fix."""
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -92,108 +77,12 @@ class EvalSplit(NamedTuple):
     mask: Any  # [S, m] float32: 1 for a real example, 0 for padding
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises :class:`ConfigError` (one line naming the key) for an invalid value."""
-    choices = {'optimizer': OPTIMIZERS, 'base_optimizer': BASE_OPTIMIZERS,
-               'lr_schedule': LR_SCHEDULES}
-    for key, valid in choices.items():
-        if config[key] not in valid:
-            raise ConfigError(f'--config.{key}={config[key]!r} is not one of {", ".join(valid)}.')
-    for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps',
-                'keep_checkpoints'):
-        if int(config[key]) < 1:
-            raise ConfigError(f'--config.{key} must be >= 1, got {config[key]}.')
-    if config.num_train_steps <= 0 and config.num_epochs <= 0:
-        raise ConfigError('Set --config.num_epochs or --config.num_train_steps to a value > 0.')
-    group = config.get('ascent_group_size', 0)
-    if group < 0 or (group and config.batch_size % group):
-        raise ConfigError(f'--config.ascent_group_size={group} must be 0 (whole batch) or divide '
-                          f'--config.batch_size={config.batch_size}.')
-    shards = config.get('data_shards', 0)
-    if shards < 0 or (shards and config.batch_size % shards):
-        raise ConfigError(f'--config.data_shards={shards} must be 0 (one per device) or divide '
-                          f'--config.batch_size={config.batch_size}.')
-    if group and config.optimizer == 'sgd':
-        raise ConfigError('--config.ascent_group_size needs a sharpness-aware --config.optimizer '
-                          '(sam, vasso or asam), not sgd.')
-
-
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Full batches per epoch (the last partial batch is dropped, as in the official code)."""
     if num_examples < batch_size:
-        raise ConfigError(f'--config.batch_size={batch_size} exceeds the {num_examples} '
+        raise errors.ConfigError(f'--config.batch_size={batch_size} exceeds the {num_examples} '
                           'training examples; lower it.')
     return num_examples // batch_size
-
-
-def total_steps(config: ml_collections.ConfigDict, epoch_steps: int) -> int:
-    """``num_train_steps`` when > 0, else ``num_epochs`` full epochs."""
-    if config.num_train_steps > 0:
-        return int(config.num_train_steps)
-    return int(config.num_epochs) * epoch_steps
-
-
-def make_schedule(config: ml_collections.ConfigDict, num_steps: int,
-                  epoch_steps: int) -> optax.Schedule:
-    """Learning rate per step: optional linear warm-up, then cosine to ``min_learning_rate``."""
-    lr = config.learning_rate
-    warmup = int(config.warmup_epochs * epoch_steps)
-    if config.lr_schedule == 'constant':
-        main = optax.constant_schedule(lr)
-    else:
-        main = optax.cosine_decay_schedule(
-            lr, max(num_steps - warmup, 1), alpha=config.min_learning_rate / lr if lr else 0.0)
-    if warmup <= 0:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
-
-
-def make_sharpness_link(config: ml_collections.ConfigDict):
-    """The ``vasso_jax`` link for ``config.optimizer``, or None for plain SGD.
-
-    Raises:
-      ConfigError: the library rejected a hyperparameter (its one-line message).
-    """
-    try:
-        return _sharpness_link(config)
-    except ValueError as e:  # vasso_jax checks hyperparameters eagerly
-        raise ConfigError(f'{e} (from --config.optimizer={config.optimizer})') from e
-
-
-def _sharpness_link(config):
-    extra = {'every_k': config.every_k} if config.every_k != 1 else {}
-    if config.get('ascent_group_size', 0):  # m-sharpness: groups are a vmap axis
-        extra.update(axis_name=GROUP_AXIS, ascent='per_device')
-    if config.get('log_stability', False):  # keep eps_t for stability.track (make_optimizer)
-        extra['keep_perturbation'] = True
-    if config.optimizer == 'sam':
-        return vasso_jax.sam(config.rho, adaptive=config.adaptive, eta=config.eta, **extra)
-    if config.optimizer == 'vasso':
-        return vasso_jax.vasso(config.rho, config.theta, adaptive=config.adaptive,
-                               eta=config.eta, **extra)
-    if config.optimizer == 'asam':
-        return vasso_jax.asam(config.rho, eta=config.eta, **extra)
-    return None
-
-
-def make_optimizer(config: ml_collections.ConfigDict,
-                   schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
-    """``chain(link, add_decayed_weights, sgd)`` (or ``chain(link, adamw)``).
-
-    Weight decay comes after the link, so it is not part of the ascent, and applies to every
-    parameter, like the PyTorch SGD of the official code.
-    """
-    link = make_sharpness_link(config)
-    if link is not None and config.get('log_stability', False):
-        # Adversary stability, cos(eps_t, eps_t-1) and the variance of eps, kept in the state
-        # and logged like the link's diagnostics (experiments/stability.py).
-        link = stability.track(link)
-    if config.base_optimizer == 'adamw':
-        base = [optax.adamw(schedule, weight_decay=config.weight_decay)]
-    else:
-        base = [optax.add_decayed_weights(config.weight_decay),
-                optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)]
-    return optax.chain(*([link] if link is not None else []), *base)
 
 
 def split_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -213,13 +102,6 @@ def create_train_state(model, tx: optax.GradientTransformation, *, image_shape: 
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=jax.jit(tx.init)(params), rng=augment_key)
-
-
-def link_diagnostics(opt_state) -> tuple[str, ...]:
-    """Names in :data:`LINK_DIAGNOSTICS` (and, with ``config.log_stability``,
-    ``stability.STABILITY_DIAGNOSTICS``) that ``opt_state`` holds (none for plain SGD)."""
-    names = LINK_DIAGNOSTICS + stability.STABILITY_DIAGNOSTICS
-    return tuple(n for n in names if optax.tree.get(opt_state, n) is not None)
 
 
 def metric_names(diagnostics: Sequence[str]) -> tuple[str, ...]:
@@ -339,11 +221,12 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs,
       batch_size: training batch size.
       epoch_steps: steps per epoch (batches in one permutation).
       label_smoothing: smoothing of the one-hot targets.
-      diagnostics: names from :data:`LINK_DIAGNOSTICS` present in the optimiser state.
+      diagnostics: names from ``optimizers.link_diagnostics`` present in the optimiser state.
       ascent_group_size: if > 0, m-sharpness: each group of this many examples is perturbed
         by its own gradient and the perturbed gradients are averaged. ``tx``'s link must be
-        built with ``axis_name=GROUP_AXIS, ascent='per_device'`` (:func:`make_optimizer`
-        does it). Costs the same two passes as SAM; BatchNorm normalises per group.
+        built with ``axis_name=optimizers.GROUP_AXIS, ascent='per_device'``
+        (``optimizers.make_optimizer`` does it). Costs the same two passes as SAM; BatchNorm
+        normalises per group.
     """
     loss_fn = make_loss_fn(model, num_classes, label_smoothing)
     extra_diagnostics = [d for d in diagnostics if d != 'grad_norm']
@@ -360,12 +243,12 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs,
 
     def grouped_passes(params, batch_stats, opt_state, images, labels, dropout_key):
         # m-sharpness: both passes per group of m examples (BatchNorm statistics per group
-        # too), groups mapped with vmap; the link averages over GROUP_AXIS, so the update and
-        # the optimiser state come out shared. Independent of how devices split the batch.
+        # too), groups mapped with vmap; the link averages over the group axis, so the update
+        # and the optimiser state come out shared. Independent of how devices split the batch.
         split = lambda x: x.reshape(batch_size // ascent_group_size, ascent_group_size,
                                     *x.shape[1:])
-        run = jax.vmap(two_passes, axis_name=GROUP_AXIS, in_axes=(None, None, None, 0, 0, None),
-                       out_axes=(None, None, 0, 0, 0, 0))
+        run = jax.vmap(two_passes, axis_name=optimizers.GROUP_AXIS,
+                       in_axes=(None, None, None, 0, 0, None), out_axes=(None, None, 0, 0, 0, 0))
         updates, opt_state, loss, logits, new_stats, grads = run(
             params, batch_stats, opt_state, split(images), split(labels), dropout_key)
         mean = lambda tree: jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
@@ -454,13 +337,3 @@ def evaluate(eval_step: Callable, params, batch_stats, split: EvalSplit,
         sums = eval_step(params, batch_stats, sums, split, j, rows=rows)
     return sums
 
-
-def params_checksum(params) -> str:
-    """sha256 of the parameters: path, dtype, shape and raw bytes of each leaf in tree order."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        array = np.ascontiguousarray(jax.device_get(leaf))
-        digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(f'{array.dtype}{array.shape}'.encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()

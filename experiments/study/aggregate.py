@@ -1,5 +1,5 @@
 """Aggregates a grid's runs into markdown tables (mean ± std over seeds) and a comparison with
-the published numbers of ``experiments/paper_results.json``.
+the published numbers of ``experiments/study/paper_results.json``.
 
 Each cell folder holds the trainer's ``summary.json`` and ``metrics.jsonl`` and, when the grid
 asks for them, ``diagnostics.json`` (``experiments.diagnose``). Only completed runs count; a
@@ -8,13 +8,13 @@ standard deviation is the sample one (``ddof=1``), 0 for a single seed.
 """
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from experiments import diagnose, grids, metrics, stability
+from experiments.runtime import files, metrics
+from experiments.study import diagnose, grids
 
 PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paper_results.json')
 REPORT_FILE = 'results.md'
@@ -74,11 +74,21 @@ STABILITY_TABLES = (
 )
 
 
-def read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+def stability_summary(history) -> dict[str, float]:
+    """Run-level adversary stability from a metrics history (``metrics.jsonl`` records).
+
+    ``eps_cosine``: mean of the logged interval means (every step weighs the same when the
+    log intervals are equal); ``eps_variance``: the last logged value (it already covers the
+    whole run). Empty when the run did not log stability (``vasso_jax.track_stability``).
+    """
+    cosines = [r['eps_cosine'] for r in history if r.get('eps_cosine') is not None]
+    variances = [r['eps_variance'] for r in history if r.get('eps_variance') is not None]
+    out = {}
+    if cosines:
+        out['eps_cosine'] = float(sum(cosines) / len(cosines))
+    if variances:
+        out['eps_variance'] = float(variances[-1])
+    return out
 
 
 def collect(grid: grids.Grid, workdir: str) -> list[Run]:
@@ -86,10 +96,10 @@ def collect(grid: grids.Grid, workdir: str) -> list[Run]:
     runs = []
     for cell in grids.cells(grid):
         cell_dir = os.path.join(workdir, cell.name)
-        summary = read_json(os.path.join(cell_dir, metrics.SUMMARY_FILE))
+        summary = files.read_json(os.path.join(cell_dir, metrics.SUMMARY_FILE))
         history = metrics.read_history(cell_dir) if summary else []
         runs.append(
-            Run(cell, cell_dir, summary, diagnose.read(cell_dir), stability.summarize(history))
+            Run(cell, cell_dir, summary, diagnose.read(cell_dir), stability_summary(history))
         )
     return runs
 
@@ -159,8 +169,7 @@ def table(grid: grids.Grid, runs: Sequence[Run], metric: Metric) -> str:
 
 
 def load_paper_results(path: str = PAPER_RESULTS) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    return files.read_json(path)
 
 
 def paper_entries(grid: grids.Grid, paper: dict) -> list[dict]:

@@ -1,9 +1,9 @@
 """A run's data on the devices, each process reading only its own devices' shards.
 
-The train split is laid out as ``S`` strided data shards (`trainer.shard_rows`: shard ``k`` is
+The train split is laid out as ``S`` strided data shards (`steps.shard_rows`: shard ``k`` is
 examples ``k, k + S, ...``), by default one per device of the mesh, else ``S / D`` consecutive
 shards per device (``--config.data_shards``); the evaluation split likewise, padded with a mask
-(`trainer.eval_rows`). A process reads and decodes only the examples of its own devices'
+(`steps.eval_rows`). A process reads and decodes only the examples of its own devices'
 shards and places them with ``jax.make_array_from_process_local_data``; nothing else of the
 images ever reaches it.
 
@@ -23,8 +23,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from experiments import data, distributed, trainer
-from experiments.data import noise as noise_lib
+from experiments.image_classification import data, steps
+from experiments.image_classification.data import noise as noise_lib
+from experiments.runtime import distributed, errors
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -36,8 +37,8 @@ class RunData:
       eval_name: ``'test'``, or ``'validation'`` when held out of the train split.
       image_shape: ``(H, W, C)``.
       mean, std: float32 ``(C,)`` statistics of the whole training split's ``images / 255``.
-      train: the on-device `trainer.Split`, ``[S, n, ...]``, sharded over the mesh.
-      evals: on-device `trainer.EvalSplit`s by name: ``eval_name`` and, with
+      train: the on-device `steps.Split`, ``[S, n, ...]``, sharded over the mesh.
+      evals: on-device `steps.EvalSplit`s by name: ``eval_name`` and, with
         ``config.eval_train``, ``'train_eval'`` (the examples trained on, un-augmented,
         scored against the labels trained on and the true labels).
       true_labels, labels: int32 ``(N,)`` host arrays, the clean and trained-on labels of
@@ -50,7 +51,7 @@ class RunData:
     image_shape: tuple[int, ...]
     mean: np.ndarray
     std: np.ndarray
-    train: trainer.Split
+    train: steps.Split
     evals: dict
     true_labels: np.ndarray
     labels: np.ndarray
@@ -58,7 +59,7 @@ class RunData:
 
 
 def open_source(config: ml_collections.ConfigDict) -> data.Source:
-    """The dataset of ``config``, opened; a bad value is a `trainer.ConfigError`.
+    """The dataset of ``config``, opened; a bad value is a `errors.ConfigError`.
 
     Raises ``data.DatasetNotFoundError`` when a TFDS dataset is not prepared. TFDS's own
     warnings while it looks for the files are muted: when the data is missing, the error's
@@ -69,11 +70,12 @@ def open_source(config: ml_collections.ConfigDict) -> data.Source:
     try:
         data.check_noise(config.dataset, config.label_noise, config.noise_type)
         return data.open_dataset(config.dataset, data_dir=config.data_dir,
-                                 validation_size=config.validation_size)
+                                 validation_size=config.validation_size,
+                                 dataset_kwargs=dict(config.get('dataset_kwargs') or {}))
     except data.DatasetNotFoundError:
         raise
     except ValueError as e:  # the data module's argument checks: a bad config value
-        raise trainer.ConfigError(str(e)) from e
+        raise errors.ConfigError(str(e)) from e
     finally:
         logging.set_verbosity(verbosity)
 
@@ -87,10 +89,10 @@ def load(config: ml_collections.ConfigDict, mesh: Mesh, num_shards: int) -> RunD
     source = open_source(config)
     local = distributed.local_shards(mesh, num_shards)
     if source.num_train < num_shards:
-        raise trainer.ConfigError(
+        raise errors.ConfigError(
             f'The {source.num_train} training examples of {source.name} cannot fill '
             f'{num_shards} data shards; use fewer (--config.data_shards) or fewer devices.')
-    rows = trainer.shard_rows(source.num_train, num_shards)
+    rows = steps.shard_rows(source.num_train, num_shards)
     local_rows = rows[local]
     leftover = (np.arange(rows.size, source.num_train) if distributed.is_main_process()
                 else np.zeros(0, np.int64))
@@ -112,18 +114,18 @@ def load(config: ml_collections.ConfigDict, mesh: Mesh, num_shards: int) -> RunD
     image_shape = read['image'].shape[1:]
     images = read['image'][:local_rows.size].reshape(*local_rows.shape, *image_shape)
     train = distributed.put_shards(
-        trainer.Split(images, labels[local_rows], true_labels[local_rows]), mesh)
+        steps.Split(images, labels[local_rows], true_labels[local_rows]), mesh)
 
-    eval_rows, eval_mask = trainer.eval_rows(source.num_eval, num_shards)
+    eval_rows, eval_mask = steps.eval_rows(source.num_eval, num_shards)
     eval_rows, eval_mask = eval_rows[local], eval_mask[local]
     held_out = source.read_eval(eval_rows.reshape(-1))
     eval_labels = held_out['label'].reshape(eval_rows.shape)
-    evals = {source.eval_split: distributed.put_shards(trainer.EvalSplit(
+    evals = {source.eval_split: distributed.put_shards(steps.EvalSplit(
         held_out['image'].reshape(*eval_rows.shape, *image_shape), eval_labels, eval_labels,
         eval_mask), mesh)}
     if config.eval_train:
         ones = distributed.put_shards(np.ones(local_rows.shape, np.float32), mesh)
-        evals['train_eval'] = trainer.EvalSplit(*train, ones)
+        evals['train_eval'] = steps.EvalSplit(*train, ones)
     return RunData(num_classes=source.num_classes, eval_name=source.eval_split,
                    image_shape=tuple(image_shape), mean=mean, std=std, train=train,
                    evals=evals, true_labels=true_labels, labels=labels,

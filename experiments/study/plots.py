@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from experiments import aggregate, grids, metrics
+from experiments.runtime import metrics
+from experiments.study import aggregate, grids
 
 COLORS = {'sgd': 'tab:gray', 'sam': 'tab:blue', 'vasso': 'tab:red', 'asam': 'tab:green'}
 

@@ -1,6 +1,6 @@
 """Orbax checkpoints of the full train state: save every N steps, keep the last K, resume.
 
-The checkpoint is the whole :class:`experiments.trainer.TrainState` (params, BatchNorm
+The checkpoint is the task's whole train state (for image classification: params, BatchNorm
 statistics, the complete optax state, the step and the RNG key), so a resumed run continues
 bitwise where the saved one was; the data order needs nothing saved (it is a function of the
 seed and the epoch).
@@ -21,10 +21,12 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from experiments.runtime import errors
+
 UNREADABLE_DIR = 'checkpoints_unreadable'
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.BadInputError):
     """The workdir's checkpoint does not fit this run's state (another model or optimiser)."""
 
 
@@ -118,3 +120,19 @@ def _no_readable_step(manager, unreadable) -> CheckpointMismatchError:
         f'No checkpoint in {manager.directory} is readable (steps {steps}); delete that folder '
         'to start the run over, or pass a new --workdir.'
     )
+
+
+def restore_final(workdir: str, template, *, keep: int):
+    """The latest readable state saved in ``workdir`` (for diagnostics of a finished run).
+
+    Raises:
+      FileNotFoundError: ``workdir`` holds no checkpoint.
+      CheckpointMismatchError: as :func:`restore_latest`.
+    """
+    manager = make_manager(workdir, keep=keep)
+    try:
+        if manager.latest_step() is None:
+            raise FileNotFoundError(f'No checkpoint in {workdir}; train the run first.')
+        return restore_latest(manager, template)
+    finally:
+        manager.close()

@@ -16,10 +16,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from experiments.runtime import errors
+
 DATA_AXIS = 'data'
 
 
-class DistributedError(RuntimeError):
+class DistributedError(errors.BadInputError, RuntimeError):
     """The distributed runtime could not start; the message is one line and names the fix."""
 
 

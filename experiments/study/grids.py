@@ -27,7 +27,7 @@ from typing import Any
 
 import ml_collections
 
-from experiments import trainer
+from experiments.runtime import errors
 
 OPTIMIZERS = ('sgd', 'sam', 'vasso')
 
@@ -164,7 +164,7 @@ GRIDS: dict[str, Grid] = {
 def get_grid(name: str) -> Grid:
     """The grid called ``name``; a one-line error lists the valid names."""
     if name not in GRIDS:
-        raise trainer.ConfigError(f'--grid={name!r} is not one of {", ".join(GRIDS)}.')
+        raise errors.ConfigError(f'--grid={name!r} is not one of {", ".join(GRIDS)}.')
     return GRIDS[name]
 
 
@@ -186,7 +186,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     except ValueError:
         index, count = -1, 0
     if not 0 <= index < count:
-        raise trainer.ConfigError(f'--shard={text!r} must be i/n with 0 <= i < n, e.g. 0/4.')
+        raise errors.ConfigError(f'--shard={text!r} must be i/n with 0 <= i < n, e.g. 0/4.')
     return index, count
 
 
@@ -201,7 +201,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition('=')
         if not sep or not key:
-            raise trainer.ConfigError(
+            raise errors.ConfigError(
                 f'--set {item!r} must look like key=value, e.g. num_epochs=10.'
             )
         try:
@@ -219,13 +219,13 @@ def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     for part in parents:
         node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        raise trainer.ConfigError(
+        raise errors.ConfigError(
             f'{key!r} is not a config field; check the name against experiments/configs/default.py.'
         )
     try:
         setattr(node, leaf, value)
     except TypeError as e:
-        raise trainer.ConfigError(f'{key}={value!r} has the wrong type ({e}).') from None
+        raise errors.ConfigError(f'{key}={value!r} has the wrong type ({e}).') from None
 
 
 def make_config(

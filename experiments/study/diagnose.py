@@ -16,7 +16,6 @@ The result goes to ``WORKDIR/diagnostics.json``.
 """
 
 import functools
-import json
 import os
 
 import jax
@@ -25,34 +24,22 @@ import ml_collections
 import numpy as np
 
 import vasso_jax
-from experiments import checkpointing, loop, models, trainer
-from experiments.data import augment as augment_lib
+from experiments.image_classification import steps, task
+from experiments.image_classification.data import augment as augment_lib
+from experiments.runtime import checkpointing, files, loop
 
 DIAGNOSTICS_FILE = 'diagnostics.json'
 
 
 def restore_final_state(config: ml_collections.ConfigDict, workdir: str, dataset):
     """``(model, state)``: the run's model and its last checkpointed :class:`TrainState`."""
-    model = models.get_model(config.model, dataset.num_classes, **loop.model_kwargs(config))
-    epoch_steps = trainer.steps_per_epoch(len(dataset.train_labels), config.batch_size)
-    num_steps = trainer.total_steps(config, epoch_steps)
-    tx = trainer.make_optimizer(config, trainer.make_schedule(config, num_steps, epoch_steps))
-    init_key, _, augment_key = trainer.split_keys(config.seed)
-    template = trainer.create_train_state(
-        model,
-        tx,
-        image_shape=dataset.train_images.shape[1:],
-        init_key=init_key,
-        augment_key=augment_key,
-    )
-    manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
-    try:
-        if manager.latest_step() is None:
-            raise FileNotFoundError(f'No checkpoint in {workdir}; train the run first.')
-        state = checkpointing.restore_latest(manager, template)
-    finally:
-        manager.close()
-    return model, state
+    model = task.make_model(config, dataset.num_classes)
+    epoch_steps = steps.steps_per_epoch(len(dataset.train_labels), config.batch_size)
+    _, tx = loop.make_optimizer(config, loop.total_steps(config, epoch_steps), epoch_steps)
+    init_key, _, augment_key = steps.split_keys(config.seed)
+    template = steps.create_train_state(model, tx, image_shape=dataset.train_images.shape[1:],
+                                        init_key=init_key, augment_key=augment_key)
+    return model, checkpointing.restore_final(workdir, template, keep=config.keep_checkpoints)
 
 
 def train_subset(dataset, num_examples: int, seed: int = 0):
@@ -70,7 +57,7 @@ def make_eval_loss(model, batch_stats, num_classes: int):
     def loss(params, batch):
         images, labels = batch
         logits = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False)
-        return jnp.mean(trainer.cross_entropy(logits, labels, num_classes))
+        return jnp.mean(steps.cross_entropy(logits, labels, num_classes))
 
     return loss
 
@@ -131,7 +118,7 @@ def measure(model, state, images, labels, *, num_classes: int, rho: float, spec)
 
 def diagnose(config: ml_collections.ConfigDict, workdir: str, spec) -> dict:
     """Measures the finished run in ``workdir``; writes and returns ``diagnostics.json``."""
-    dataset = loop.load_data(config)
+    dataset = task.load_data(config)
     model, state = restore_final_state(config, workdir, dataset)
     images, labels = train_subset(dataset, spec.num_examples)
     images = augment_lib.normalize(images, mean=dataset.mean, std=dataset.std)
@@ -150,18 +137,12 @@ def diagnose(config: ml_collections.ConfigDict, workdir: str, spec) -> dict:
         num_examples=spec.num_examples,
         m=spec.m,
         num_iters=spec.num_iters,
-        params_checksum=trainer.params_checksum(state.params),
+        params_checksum=loop.params_checksum(state.params),
     )
-    with open(os.path.join(workdir, DIAGNOSTICS_FILE), 'w') as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-        f.write('\n')
+    files.write_json(os.path.join(workdir, DIAGNOSTICS_FILE), result)
     return result
 
 
 def read(workdir: str) -> dict | None:
     """``diagnostics.json`` of a run, or None."""
-    path = os.path.join(workdir, DIAGNOSTICS_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return files.read_json(os.path.join(workdir, DIAGNOSTICS_FILE))

@@ -264,7 +264,7 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(cli, tmp_path):
     assert error_lines(result.stderr) == [
         'error: Non-finite parameters at step 10; stopped, the last good checkpoint (step 8) '
         'is kept. Lower --config.learning_rate (or --config.rho) and rerun with '
-        '--allow_config_change.'
+        '--allow_config_change, or skip such steps with --config.skip_nonfinite=True.'
     ]
     assert steps_in(workdir) == [4, 8]  # step 12 was due, but its state was not finite
     assert max(r['step'] for r in metrics.read_history(str(workdir))) == 8

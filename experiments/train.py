@@ -1,4 +1,4 @@
-r"""Trains a CIFAR classifier with SGD, SAM, VaSSO or ASAM.
+r"""Trains a task (image classification by default) with SGD or a sharpness-aware optimiser.
 
 Usage:
   python -m experiments.train --config experiments/configs/cifar10_resnet18.py \
@@ -7,13 +7,19 @@ Usage:
 The workdir receives ``config.json``, ``metrics.jsonl``, TensorBoard events in
 ``tensorboard/``, orbax checkpoints in ``checkpoints/`` and ``summary.json``. Running the same
 command again on the workdir resumes from its last checkpoint.
+
+The task is ``config.task`` (a folder of ``experiments/`` with a ``task.TASK``; default
+``image_classification``); the run itself is ``experiments.runtime.loop``.
 """
 
+import importlib
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, distributed, loop, metrics
+from experiments.runtime import cli, distributed, loop, metrics
+
+DEFAULT_TASK = 'image_classification'
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and summary.')
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,6 +39,11 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def get_task(config):
+    """The task object of ``config.task`` (``experiments.<task>.task.TASK``)."""
+    return importlib.import_module(f'experiments.{config.get("task", DEFAULT_TASK)}.task').TASK
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -41,7 +52,8 @@ def main(argv):
     with cli.exit_on_run_errors():
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                timeout_s=_DISTRIBUTED_TIMEOUT.value)
-        summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+        summary = loop.train_and_evaluate(get_task(_CONFIG.value), _CONFIG.value,
+                                          _WORKDIR.value,
                                           allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     print(metrics.format_summary(summary))
     print(f'\nOutputs in {_WORKDIR.value}')

@@ -34,6 +34,7 @@ from vasso_jax._one_pass import (
     one_pass_vasso,
     unperturbed_params,
 )
+from vasso_jax._monitor import StabilityMonitorState, track_stability
 from vasso_jax._parallel import device_varying
 from vasso_jax._sharpness import SharpnessAwareState, sharpness_aware
 
@@ -45,6 +46,7 @@ __all__ = (
     'PerturbationStability',
     'PerturbationStabilityState',
     'SharpnessAwareState',
+    'StabilityMonitorState',
     'VassoDirectionState',
     'asam',
     'cosine_similarity',
@@ -62,6 +64,7 @@ __all__ = (
     'perturbation_stability',
     'sam',
     'sharpness_aware',
+    'track_stability',
     'unperturbed_params',
     'vasso',
     'vasso_direction',

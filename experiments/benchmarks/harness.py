@@ -1,10 +1,12 @@
 """The variants every benchmark times, built with the trainer's own step.
 
 A *variant* is one optimiser (SGD, ``vasso_jax``'s SAM / VaSSO / ASAM, ``optax.contrib.sam``,
-VaSSO with ``every_k``) plugged into :func:`experiments.trainer.make_train_step`, the code the
-CLI runs, and jitted with its state donated, as :mod:`experiments.loop` does. All variants of
+VaSSO with ``every_k``) plugged into
+:func:`experiments.image_classification.steps.make_train_step`, the code the CLI runs, and
+jitted with its state donated, as :mod:`experiments.runtime.loop` does. All variants of
 one model share the model, the initial weights, the synthetic CIFAR-shaped batch and the base
-optimiser (weight decay + SGD with momentum, from :func:`experiments.trainer.make_optimizer`).
+optimiser (weight decay + SGD with momentum, from
+:func:`experiments.runtime.optimizers.make_optimizer`).
 
 How they are timed is :mod:`experiments.benchmarks.measure`'s business.
 """
@@ -19,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import models, trainer
 from experiments.configs import default
-from experiments.data import augment as augment_lib
+from experiments.image_classification import models, steps
+from experiments.image_classification.data import augment as augment_lib
+from experiments.runtime import optimizers
 
 # CIFAR-10's per-channel statistics: the synthetic images are normalised as CIFAR's would be.
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
@@ -86,18 +89,18 @@ def make_tx(variant: str, schedule: optax.Schedule, *, every_k: int = 1, **overr
     """The optax chain of ``variant``: a trainer optimiser name or :data:`CONTRIB_SAM`."""
     if variant == CONTRIB_SAM:
         config = bench_config('sgd', **overrides)
-        return contrib_sam(trainer.make_optimizer(config, schedule), config.rho)
-    return trainer.make_optimizer(bench_config(variant, every_k=every_k, **overrides), schedule)
+        return contrib_sam(optimizers.make_optimizer(config, schedule), config.rho)
+    return optimizers.make_optimizer(bench_config(variant, every_k=every_k, **overrides), schedule)
 
 
 def synthetic_split(
     num_examples: int, image_shape: Sequence[int], num_classes: int, seed: int = 0
-) -> trainer.Split:
+) -> steps.Split:
     """Random uint8 images and labels (no download) as one shard, on the default device."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (num_examples, *image_shape), dtype=np.uint8)
     labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
-    return jax.device_put(trainer.shard_split(images, labels, labels, num_shards=1))
+    return jax.device_put(steps.shard_split(images, labels, labels, num_shards=1))
 
 
 def make_augment_fn(recipe: str = 'cifar') -> Callable:
@@ -134,7 +137,7 @@ class Variant:
         params,
         batch_stats,
         *,
-        data: trainer.Split,
+        data: steps.Split,
         perm,
         num_classes: int,
         batch_size: int,
@@ -149,15 +152,15 @@ class Variant:
         self.compiler_options = compiler_options
         copy = lambda tree: jax.tree.map(jnp.copy, tree)
         params = copy(params)
-        self.state = trainer.TrainState(
+        self.state = steps.TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             batch_stats=copy(batch_stats),
             opt_state=jax.jit(tx.init)(params),
             rng=jnp.copy(rng),
         )
-        diagnostics = trainer.link_diagnostics(self.state.opt_state)
-        self.metrics = trainer.zero_metrics(diagnostics)
+        diagnostics = optimizers.link_diagnostics(self.state.opt_state)
+        self.metrics = steps.zero_metrics(diagnostics)
         step_kwargs = dict(
             num_classes=num_classes,
             batch_size=batch_size,
@@ -166,7 +169,7 @@ class Variant:
         )
         self.step_fns = [
             jax.jit(
-                trainer.make_train_step(model, t, augment_fn, **step_kwargs),
+                steps.make_train_step(model, t, augment_fn, **step_kwargs),
                 donate_argnums=(0, 1),
                 compiler_options=compiler_options,
             )
@@ -273,15 +276,15 @@ def build_variants(
     Each name is ``(optimizer, every_k)`` or ``(optimizer, every_k, dispatch)``, with
     dispatch ``'cond'`` (the library's ``every_k``: one executable, ``lax.cond``) or
     ``'host'`` (two executables; see :class:`Variant`). The model is initialised once (with
-    :func:`trainer.create_train_state`); each variant gets its own copy of the weights,
+    :func:`steps.create_train_state`); each variant gets its own copy of the weights,
     since its step donates them. ``compiler_options`` go to every ``jax.jit`` (e.g.
     :data:`FAST_COMPILE` for tests, where speed is not measured).
     """
     model = spec.build(num_classes, **(model_overrides or {}))
     config = bench_config('sgd', batch_size=batch_size)
-    schedule = trainer.make_schedule(config, total_steps, epoch_steps)
-    init_key, data_key, augment_key = trainer.split_keys(seed)
-    first = trainer.create_train_state(
+    schedule = optimizers.make_schedule(config, total_steps, epoch_steps)
+    init_key, data_key, augment_key = steps.split_keys(seed)
+    first = steps.create_train_state(
         model,
         make_tx('sgd', schedule),
         image_shape=image_shape,
@@ -289,7 +292,7 @@ def build_variants(
         augment_key=augment_key,
     )
     data = synthetic_split(batch_size * epoch_steps, image_shape, num_classes, seed)
-    perm = trainer.epoch_permutation(data_key, 0, 1, batch_size * epoch_steps)
+    perm = steps.epoch_permutation(data_key, 0, 1, batch_size * epoch_steps)
     common = dict(
         data=data,
         perm=perm,

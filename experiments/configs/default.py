@@ -33,8 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
     """Returns the default training configuration (CIFAR-10, ResNet-18, VaSSO)."""
     config = ml_collections.ConfigDict()
 
-    # Optimiser: the sharpness-aware link, then weight decay, then the base optimiser.
-    config.optimizer = 'vasso'  # sgd | sam | vasso | asam
+    # Optimiser: the sharpness-aware link, then weight decay, then the base optimiser
+    # (experiments/runtime/optimizers.py). The link: sgd (none) or any vasso_jax factory by
+    # name; rho, theta, adaptive, eta and every_k go to it when it takes them, any other
+    # argument in optimizer_kwargs, e.g. --config.optimizer=friendly_sam
+    # --config.optimizer_kwargs='{"sigma": 1.0, "lmbda": 0.9}'.
+    config.optimizer = 'vasso'  # sgd | sam | vasso | asam | friendly_sam | ...
+    config.optimizer_kwargs = ml_collections.ConfigDict()
     config.rho = 0.1  # [P]; [C] default is 0.05 (SAM's), [S] uses 0.2 on CIFAR-100
     config.theta = 0.4  # [P]; [C] and [S] use 0.9
     config.adaptive = False  # ASAM-style |w| + eta scaling on sam / vasso
@@ -50,9 +55,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Log adversary stability (cos between consecutive perturbations, their variance); keeps
     # one extra params-sized buffer. Used by the digits study (experiments/reproduce.py).
     config.log_stability = False
-    config.base_optimizer = 'sgd'  # sgd | adamw  [C]
-    config.momentum = 0.9  # [C]
-    config.nesterov = False  # [C]
+    # Any optax alias taking a learning rate (sgd, adamw, lion, ...), called with the schedule,
+    # base_optimizer_kwargs and weight_decay (when it takes one; else add_decayed_weights).
+    config.base_optimizer = 'sgd'  # [C]
+    config.base_optimizer_kwargs = ml_collections.ConfigDict()
+    config.momentum = 0.9  # [C] (sgd's)
+    config.nesterov = False  # [C] (sgd's)
     config.learning_rate = 0.05  # [C], [R]
     config.lr_schedule = 'cosine'  # cosine | constant  [C]
     config.min_learning_rate = 0.0  # [C] eta_min
@@ -60,14 +68,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 1e-3  # [R], [S] for SAM / VaSSO; [R] uses 5e-4 for plain SGD
     config.label_smoothing = 0.0  # [D] plain CrossEntropyLoss
 
-    # Model: a name for experiments.models.get_model, and its keyword arguments.
+    # Model: a name for experiments.image_classification.models.get_model, or an import path
+    # of your own Flax module (my_pkg.nets:MyNet), and its keyword arguments.
     config.model = 'resnet18'
     # Each config sets all of a model's kwargs, so the command line can override any of them
     # (e.g. --config.model_kwargs.width=16 --config.model_kwargs.dtype=bfloat16).
     config.model_kwargs = ml_collections.ConfigDict({'width': 64, 'dtype': 'float32'})
 
     # Data.
-    config.dataset = 'cifar10'  # cifar10 | cifar100 | cifar10_n | digits
+    config.dataset = 'cifar10'  # cifar10 | cifar100 | cifar10_n | digits | my_pkg.data:load
+    config.dataset_kwargs = ml_collections.ConfigDict()  # of an import-path dataset
     config.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir
     config.validation_size = 0  # held out of train; evaluated instead of the test split
     config.label_noise = 0.0  # fraction of training labels corrupted, once, seeded
@@ -92,4 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 2
     config.progress_bar = True
+    # A step with a non-finite loss, gradient or state: stop with exit code 3 (False), or drop
+    # the step, count it in the metrics (skipped_steps) and continue (True).
+    config.skip_nonfinite = False
     return config

@@ -29,13 +29,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from experiments.data import cifar
+from experiments.image_classification.data import cifar
 from experiments.translation import tokenizer as tokenizer_lib
 
 DATASETS = ('ted_multi_translate', 'wmt14_translate/de-en')
 # Missing translations in ted_multi_translate (the talk was not translated to a language).
 _MISSING = ('__NULL__', '_ _ NULL _ _')
-# Records per batched read (see experiments.data.cifar).
+# Records per batched read (see experiments.image_classification.data.cifar).
 _CHUNK = 2048
 
 
@@ -81,7 +81,7 @@ def load_pairs(
       The pairs in the split's order; ted examples lacking either language are skipped.
 
     Raises:
-      experiments.data.cifar.DatasetNotFoundError: the dataset is not prepared as
+      experiments.image_classification.data.cifar.DatasetNotFoundError: the dataset is not prepared as
         ArrayRecord under ``data_dir``; its message names ``--config.data_dir``.
     """
     if name not in DATASETS:

@@ -10,36 +10,37 @@ import optax
 from jax.sharding import Mesh
 
 import vasso_jax
-from experiments import data, distributed, input_pipeline, models, trainer
 from experiments.configs import digits_resnet
+from experiments.image_classification import data, input_pipeline, models, steps
+from experiments.runtime import distributed, optimizers
 
 BATCH, STEPS, RHO, LR = 16, 2, 0.05, 0.01
 
 
 def setup(group_size=0, shards=4):
     model = models.get_model('wrn', 10, depth=10, widen_factor=1, base_width=4)
-    link = vasso_jax.sam(RHO, **({'axis_name': trainer.GROUP_AXIS, 'ascent': 'per_device'}
+    link = vasso_jax.sam(RHO, **({'axis_name': optimizers.GROUP_AXIS, 'ascent': 'per_device'}
                                  if group_size else {}))
     tx = optax.chain(link, optax.sgd(LR))
-    init_key, data_key, augment_key = trainer.split_keys(0)
-    state = trainer.create_train_state(model, tx, image_shape=(8, 8, 1), init_key=init_key,
+    init_key, data_key, augment_key = steps.split_keys(0)
+    state = steps.create_train_state(model, tx, image_shape=(8, 8, 1), init_key=init_key,
                                        augment_key=augment_key)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (BATCH * 4, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 10, BATCH * 4).astype(np.int32)
-    split = trainer.shard_split(images, labels, labels, shards)
-    perm = trainer.epoch_permutation(data_key, 0, shards, len(labels) // shards)
+    split = steps.shard_split(images, labels, labels, shards)
+    perm = steps.epoch_permutation(data_key, 0, shards, len(labels) // shards)
     augment_fn = lambda key, x: (x.astype(jnp.float32) - 128.0) / 64.0
-    step = trainer.make_train_step(
+    step = steps.make_train_step(
         model, tx, augment_fn, num_classes=10, batch_size=BATCH, epoch_steps=4,
-        diagnostics=trainer.link_diagnostics(state.opt_state), ascent_group_size=group_size)
+        diagnostics=optimizers.link_diagnostics(state.opt_state), ascent_group_size=group_size)
     return model, state, split, perm, step, tx
 
 
 def run(devices, group_size=0, shards=4):
     """STEPS train steps with the batch sharded over ``devices`` (None: plain jit)."""
     _, state, split, perm, step, _ = setup(group_size, shards)
-    sums = trainer.zero_metrics(trainer.link_diagnostics(state.opt_state))
+    sums = steps.zero_metrics(optimizers.link_diagnostics(state.opt_state))
     if devices is None:
         jitted = jax.jit(step)
     else:
@@ -80,15 +81,15 @@ def check_group_size_is_device_independent():
 
 def check_group_step_matches_per_group_reference():
     model, state, split, perm, step, _ = setup(group_size=4)
-    sums = trainer.zero_metrics(trainer.link_diagnostics(state.opt_state))
+    sums = steps.zero_metrics(optimizers.link_diagnostics(state.opt_state))
     new_state, _ = jax.jit(step)(state, sums, split, perm)
     # Hand-written m-sharpness: per group of 4, SAM's ascent with that group's gradient and
     # BatchNorm statistics, then the mean of the perturbed gradients; statistics averaged.
-    images, labels, _ = trainer.get_batch(state.step, perm, split, batch_size=BATCH,
+    images, labels, _ = steps.get_batch(state.step, perm, split, batch_size=BATCH,
                                           epoch_steps=4)
     x = (images.astype(jnp.float32) - 128.0) / 64.0
     _, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-    loss_fn = trainer.make_loss_fn(model, 10)
+    loss_fn = steps.make_loss_fn(model, 10)
 
     @jax.jit
     def group_sam(xg, yg):
@@ -109,8 +110,8 @@ def check_group_step_matches_per_group_reference():
     close(new_state.batch_stats, mean(stats), tol=1e-5)
     # And it is not the whole-batch SAM step: the option changes the update.
     _, plain_state, split0, perm0, plain_step, _ = setup(group_size=0)
-    plain, _ = jax.jit(plain_step)(plain_state, trainer.zero_metrics(
-        trainer.link_diagnostics(plain_state.opt_state)), split0, perm0)
+    plain, _ = jax.jit(plain_step)(plain_state, steps.zero_metrics(
+        optimizers.link_diagnostics(plain_state.opt_state)), split0, perm0)
     diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
                zip(jax.tree.leaves(plain.params), jax.tree.leaves(new_state.params)))
     assert diff > 1e-3, diff
@@ -126,7 +127,7 @@ def check_input_pipeline_matches_the_whole_dataset(num_shards):
     # 1438 training examples: 8 shards of 179 (6 left over) or 16 of 89 (14 left over). The
     # leftover is never trained on, but counted in the labels' noise and the normalisation
     # statistics, so those do not depend on the number of shards.
-    want = trainer.shard_split(whole.train_images, whole.train_labels,
+    want = steps.shard_split(whole.train_images, whole.train_labels,
                                whole.train_true_labels, num_shards)
     for got, expected in zip(run_data.train, want, strict=True):
         assert got.sharding.is_equivalent_to(distributed.sharded(mesh), got.ndim)
@@ -145,14 +146,14 @@ def check_input_pipeline_matches_the_whole_dataset(num_shards):
 
     # Evaluation on the mesh counts each example once and equals a single-device pass.
     model = models.get_model('resnet18', 10, width=4)
-    state = trainer.create_train_state(model, optax.sgd(0.1), image_shape=(8, 8, 1),
+    state = steps.create_train_state(model, optax.sgd(0.1), image_shape=(8, 8, 1),
                                        init_key=jax.random.key(0), augment_key=jax.random.key(1))
     normalize = lambda x: (x.astype(jnp.float32) / 255.0 - run_data.mean) / run_data.std
-    eval_step = trainer.make_eval_step(model, normalize, 10)
+    eval_step = steps.make_eval_step(model, normalize, 10)
     for name, split in run_data.evals.items():
-        sums = jax.device_get(trainer.evaluate(eval_step, state.params, state.batch_stats,
+        sums = jax.device_get(steps.evaluate(eval_step, state.params, state.batch_stats,
                                                split, 64))
-        single = jax.device_get(trainer.evaluate(
+        single = jax.device_get(steps.evaluate(
             eval_step, state.params, state.batch_stats, jax.device_get(split), 64))
         trained = 1438 // num_shards * num_shards
         assert sums['count'] == (359 if name == 'test' else trained), (name, sums['count'])

@@ -10,18 +10,18 @@ import sys
 
 import jax.numpy as jnp
 
-from experiments import trainer
+from experiments.runtime import optimizers
 
 
 def main():
     nan_update = int(sys.argv[1])
-    make_schedule = trainer.make_schedule
+    make_schedule = optimizers.make_schedule
 
     def poisoned(*args, **kwargs):
         schedule = make_schedule(*args, **kwargs)
         return lambda count: jnp.where(count == nan_update, jnp.nan, schedule(count))
 
-    trainer.make_schedule = poisoned  # a test helper's own process: nothing else sees it
+    optimizers.make_schedule = poisoned  # a test helper's own process: nothing else sees it
     sys.argv = ['experiments.train', *sys.argv[2:]]
     runpy.run_module('experiments.train', run_name='__main__', alter_sys=True)
 

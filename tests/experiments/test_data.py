@@ -12,8 +12,8 @@ from array_record.python import array_record_module
 from tensorflow_datasets.core import naming
 from tensorflow_datasets.core import splits as splits_lib
 
-from experiments import data
-from experiments.data import augment, cifar, digits, noise
+from experiments.image_classification import data
+from experiments.image_classification.data import augment, cifar, digits, noise
 from tests.experiments.conftest import NUM_MOCK
 
 MEAN = np.array([0.3, 0.4, 0.5], np.float32)  # x / 255 never equals these: no zero pixel

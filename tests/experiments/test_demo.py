@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from experiments import demo
+from experiments.study import demo
 
 
 def test_demo_config_goes_through_the_cifar_trainer():

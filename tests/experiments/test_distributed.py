@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from experiments import metrics, trainer
 from experiments.configs import digits_resnet
+from experiments.image_classification import task
+from experiments.runtime import errors, metrics
 from tests.experiments.conftest import REPO, cli_command, cli_env, run_cli
 
 TINY = ['--config.model_kwargs.width=4', '--config.progress_bar=False']
@@ -71,8 +72,11 @@ def test_two_processes_over_loopback_match_one_process(tmp_path):
     two = json.loads((tmp_path / 'two' / 'summary.json').read_text())
     ref = json.loads((tmp_path / 'one' / 'summary.json').read_text())
     assert two['steps'] == ref['steps'] == 4
-    assert two['final_train_loss'] == pytest.approx(ref['final_train_loss'], rel=1e-3)
-    assert two['final_test_accuracy'] == pytest.approx(ref['final_test_accuracy'], rel=1e-3)
+    # The same maths, summed in another order across processes: the loss agrees to float
+    # rounding amplified over 4 steps (a bound, not one CPU's digits), and the accuracy on the
+    # 64 mock test examples up to one prediction flipped by that rounding.
+    assert two['final_train_loss'] == pytest.approx(ref['final_train_loss'], rel=1e-2)
+    assert abs(two['final_test_accuracy'] - ref['final_test_accuracy']) <= 1 / 64 + 1e-9
     # Each process reads only its 2 of the 4 data shards of both splits (64 + 64 examples).
     assert 'Process 0 read 128 images (its 4 of the 4 data shards)' in one.stderr
     for i, (_, err) in enumerate(outs):
@@ -126,9 +130,13 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(tmp_path):
 def test_fixed_data_shards_make_m_sharpness_runs_device_count_independent(tmp_path):
     """--config.data_shards=4 with m-sharpness: 1 and 4 devices take the same steps.
 
-    Compared step by step over the first steps: later, SAM's perturbation (through ReLU
-    kinks of this width-4 network) amplifies float reduction-order differences, as any change
-    of device count does.
+    What is invariant is the data order and the maths, not the float rounding: the first
+    step's loss (the same params on the same examples; only the summation order differs, so
+    float32 rounding bounds the difference by ~n * 2**-24 relative for n <= 160 terms) is
+    compared at 1e-5. Later steps start from params that already differ in the last bits, and
+    SAM's ascent through ReLU kinks of this width-4 network amplifies that by an amount that
+    depends on the CPU's XLA code (1.6e-4 relative was seen on one machine), so they are
+    compared at 1e-2, still far below what another data order changes (see the last check).
     """
     args = ['--config', 'experiments/configs/cifar10_resnet18.py', '--config.num_train_steps=3',
             '--config.optimizer=sam', '--config.ascent_group_size=4', '--config.batch_size=16',
@@ -142,7 +150,8 @@ def test_fixed_data_shards_make_m_sharpness_runs_device_count_independent(tmp_pa
         losses[name] = [r['train_loss'] for r in metrics.read_history(str(tmp_path / name))
                         if 'train_loss' in r]
     assert len(losses['one']) == 3
-    assert losses['four'] == pytest.approx(losses['one'], rel=1e-5)
+    assert losses['four'][0] == pytest.approx(losses['one'][0], rel=1e-5)
+    assert losses['four'][1:] == pytest.approx(losses['one'][1:], rel=1e-2)
     # One shard per device (the default: here 1) is another data order, another run.
     assert losses['one_default'][0] != pytest.approx(losses['one'][0], rel=1e-3)
 
@@ -167,9 +176,9 @@ def test_batch_or_shards_not_divisible_by_devices_is_one_line(tmp_path, flags, m
 def test_data_shards_must_divide_the_batch(shards):
     config = digits_resnet.get_config()
     config.batch_size, config.data_shards = 64, shards
-    with pytest.raises(trainer.ConfigError, match=rf'--config.data_shards={shards} must be 0 '
+    with pytest.raises(errors.ConfigError, match=rf'--config.data_shards={shards} must be 0 '
                        r'\(one per device\) or divide --config.batch_size=64.'):
-        trainer.validate_config(config)
+        task.validate_config(config)
 
 
 @pytest.mark.parametrize('group,message', [
@@ -179,15 +188,15 @@ def test_data_shards_must_divide_the_batch(shards):
 def test_ascent_group_size_must_divide_the_batch(group, message):
     config = digits_resnet.get_config()
     config.batch_size, config.ascent_group_size = 64, group
-    with pytest.raises(trainer.ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')):
-        trainer.validate_config(config)
+    with pytest.raises(errors.ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')):
+        task.validate_config(config)
 
 
 def test_ascent_group_size_needs_a_sharpness_aware_optimizer():
     config = digits_resnet.get_config()
     config.batch_size, config.ascent_group_size, config.optimizer = 64, 16, 'sgd'
-    with pytest.raises(trainer.ConfigError, match='needs a sharpness-aware'):
-        trainer.validate_config(config)
+    with pytest.raises(errors.ConfigError, match='needs a sharpness-aware'):
+        task.validate_config(config)
 
 
 def test_unreachable_coordinator_fails_in_bounded_time(tmp_path):
@@ -210,7 +219,7 @@ def test_unreachable_coordinator_fails_in_bounded_time(tmp_path):
     (['--num_processes=2'], 'Pass all of --coordinator_address'),
 ])
 def test_bad_distributed_flags(flags, message):
-    from experiments import distributed
+    from experiments.runtime import distributed
     values = {'coordinator_address': None, 'num_processes': None, 'process_id': None}
     for flag in flags:
         key, value = flag[2:].split('=')

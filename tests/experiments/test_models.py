@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import models
-from experiments.models import pyramidnet, resnet, wide_resnet
+from experiments.image_classification import models
+from experiments.image_classification.models import pyramidnet, resnet, wide_resnet
 
 # Tiny versions of every registered model: same depth and topology, a handful of channels.
 TINY = {

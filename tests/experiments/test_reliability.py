@@ -30,8 +30,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 import vasso_jax
-from experiments import checkpointing, loop, metrics, nonfinite, preemption, trainer
-from experiments import workdir as workdir_lib
+from experiments.image_classification import task
+from experiments.runtime import checkpointing, errors, metrics, nonfinite, optimizers, preemption
+from experiments.runtime import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAN_HELPER = os.path.join(REPO, 'tests', 'experiments', 'inject_nan.py')
@@ -263,7 +264,7 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(cli, tmp_path):
     assert error_lines(result.stderr) == [
         'error: Non-finite parameters at step 10; stopped, the last good checkpoint (step 8) '
         'is kept. Lower --config.learning_rate (or --config.rho) and rerun with '
-        '--allow_config_change.'
+        '--allow_config_change, or skip such steps with --config.skip_nonfinite=True.'
     ]
     assert steps_in(workdir) == [4, 8]  # step 12 was due, but its state was not finite
     assert max(r['step'] for r in metrics.read_history(str(workdir))) == 8
@@ -279,18 +280,32 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(cli, tmp_path):
 
 # --------------------------------------------------------------------------- bad inputs
 
+LINKS = ', '.join(optimizers.link_factories())
 WRN_KWARGS = 'depth, widen_factor, dropout_rate, shortcut, base_width, dtype'
 # (id, config overrides, exact message) for train_and_evaluate; every one is a ConfigError.
 BAD_CONFIGS = [
     (
         'optimizer',
         {'optimizer': 'adam'},
-        "--config.optimizer='adam' is not one of sgd, sam, vasso, asam.",
+        f"--config.optimizer='adam' is not one of sgd, {LINKS}.",
     ),
     (
         'base_optimizer',
-        {'base_optimizer': 'lion'},
-        "--config.base_optimizer='lion' is not one of sgd, adamw.",
+        {'base_optimizer': 'lion2'},
+        "--config.base_optimizer='lion2' is not an optax optimiser taking a learning rate (e.g. "
+        'sgd, adamw, lion, adam, rmsprop).',
+    ),
+    (
+        'base_optimizer_kwargs',
+        {'base_optimizer_kwargs': {'b1': 0.9}},
+        '--config.base_optimizer_kwargs.b1 is not an argument of optax.sgd; valid: momentum, '
+        'nesterov, accumulator_dtype.',
+    ),
+    (
+        'optimizer_kwargs',
+        {'optimizer': 'friendly_sam', 'optimizer_kwargs': {'sigmaa': 1.0}},
+        '--config.optimizer_kwargs.sigmaa is not an argument of vasso_jax.friendly_sam; valid: '
+        'sigma, lmbda, eps.',
     ),
     (
         'dataset',
@@ -303,31 +318,40 @@ BAD_CONFIGS = [
         "--config.model='vgg16' is not one of resnet18, resnet34, wrn, wrn28_10, wrn16_4, "
         'pyramidnet, pyramidnet110, pyramidnet272.',
     ),
+    # The library's own checks are the validation; the message names the flag.
     (
         'rho<0',
         {'rho': -0.1},
-        '--config.rho must be >= 0, got -0.1 (0 turns the ascent off; e.g. 0.05).',
+        '--config.rho: sharpness_aware: rho=-0.1 is invalid; expected a finite value in '
+        '[0, inf).',
     ),
-    ('rho=nan', {'rho': float('nan')}, '--config.rho must be finite, got nan.'),
+    (
+        'rho=nan',
+        {'rho': float('nan')},
+        '--config.rho: sharpness_aware: rho=nan is invalid; expected a finite value in [0, inf).',
+    ),
     (
         'theta=0',
         {'theta': 0.0},
-        "--config.theta must be in (0, 1], got 0.0 (VaSSO's EMA weight; e.g. 0.4).",
+        '--config.theta: vasso_direction: theta=0.0 is invalid; expected a finite value in '
+        '(0, 1].',
     ),
     (
         'theta>1',
         {'theta': 1.5},
-        "--config.theta must be in (0, 1], got 1.5 (VaSSO's EMA weight; e.g. 0.4).",
+        '--config.theta: vasso_direction: theta=1.5 is invalid; expected a finite value in '
+        '(0, 1].',
     ),
     (
-        'asam eta=0',
-        {'optimizer': 'asam', 'eta': 0.0},
-        '--config.eta must be > 0, got 0.0 (the offset of |w| + eta; e.g. 0.01).',
+        'friendly_sam sigma<0',
+        {'optimizer': 'friendly_sam', 'optimizer_kwargs': {'sigma': -1.0}},
+        '--config.optimizer_kwargs.sigma: friendly_direction: sigma=-1.0 is invalid; expected a '
+        'finite value in [0, 1].',
     ),
     (
         'every_k=0',
         {'every_k': 0},
-        '--config.every_k must be >= 1, got 0 (1 = sharpness-aware at every step).',
+        '--config.every_k: sharpness_aware: every_k=0 is invalid; expected an integer >= 1.',
     ),
     ('batch_size=0', {'batch_size': 0}, '--config.batch_size must be >= 1, got 0.'),
     (
@@ -444,29 +468,29 @@ def test_bad_config_is_one_exact_line_and_loses_nothing(used_workdir, overrides,
             node = node[parent]
         node[leaf] = value
     before = snapshot(used_workdir)
-    with pytest.raises(trainer.ConfigError) as error:
-        loop.train_and_evaluate(config, str(used_workdir))
+    with pytest.raises(errors.ConfigError) as error:
+        task.train_and_evaluate(config, str(used_workdir))
     assert str(error.value) == message
     assert snapshot(used_workdir) == before
 
 
 def _busy(workdir):
     with workdir_lib.lock(str(workdir)):
-        loop.train_and_evaluate(tiny_config(), str(workdir))
+        task.train_and_evaluate(tiny_config(), str(workdir))
 
 
 def _changed_config(workdir):
     config = tiny_config()
     config.rho, config.model_kwargs.depth = 0.3, 16
     config.log_every_steps = 2  # exempt: it changes no maths
-    loop.train_and_evaluate(config, str(workdir))
+    task.train_and_evaluate(config, str(workdir))
 
 
 def _garbled_config_json(workdir):
     (workdir / 'config.json').write_text('not json')  # what a hand edit might leave
     before = snapshot(workdir)
     try:
-        loop.train_and_evaluate(tiny_config(), str(workdir))
+        task.train_and_evaluate(tiny_config(), str(workdir))
     finally:
         assert snapshot(workdir) == before  # left for the user to repair
 
@@ -497,20 +521,20 @@ BAD_CALLS = [
     ),
     (
         'workdir is a file',
-        lambda w: loop.train_and_evaluate(tiny_config(), str(w / 'metrics.jsonl')),
+        lambda w: task.train_and_evaluate(tiny_config(), str(w / 'metrics.jsonl')),
         workdir_lib.WorkdirError,
         '--workdir {workdir}/metrics.jsonl is a file, not a folder; pass a folder.',
     ),
     (
         'config not a ConfigDict',
-        lambda w: loop.train_and_evaluate(tiny_config().to_dict(), str(w)),
+        lambda w: task.train_and_evaluate(tiny_config().to_dict(), str(w)),
         TypeError,
         'config must be an ml_collections.ConfigDict (e.g. '
         'experiments.configs.default.get_config()), got dict.',
     ),
     (
         'stop_at_step=0',
-        lambda w: loop.train_and_evaluate(tiny_config(), str(w), stop_at_step=0),
+        lambda w: task.train_and_evaluate(tiny_config(), str(w), stop_at_step=0),
         ValueError,
         'stop_at_step must be None or an int >= 1, got 0.',
     ),
@@ -704,10 +728,11 @@ def test_a_workdir_older_than_a_config_key_ran_at_its_default(tmp_path):
     saved = json.loads((tmp_path / 'config.json').read_text())
     del saved['data_shards']  # written before the key existed
     (tmp_path / 'config.json').write_text(json.dumps(saved))
-    workdir_lib.check_config(str(tmp_path), config)  # data_shards=0, the default: no change
+    defaults = task.TASK.default_config()  # data_shards=0 there: no change
+    workdir_lib.check_config(str(tmp_path), config, defaults=defaults)
     config.data_shards = 4
     with pytest.raises(workdir_lib.WorkdirError, match=r'\(data_shards: 0 -> 4\)'):
-        workdir_lib.check_config(str(tmp_path), config)
+        workdir_lib.check_config(str(tmp_path), config, defaults=defaults)
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
@@ -754,4 +779,4 @@ def test_nonfinite_guard_records_the_first_bad_step_and_quantity():
         match=r'^Non-finite parameters at step 3; '
         r'stopped, the last good checkpoint \(step 2\) is kept\.',
     ):
-        nonfinite.check(fetched, Checkpoints)
+        nonfinite.check(fetched, Checkpoints, nonfinite.quantities(state, fetched))

@@ -7,24 +7,15 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import vasso_jax
-from experiments import (
-    aggregate,
-    diagnose,
-    grids,
-    loop,
-    models,
-    plots,
-    reproduce,
-    stability,
-    trainer,
-)
-from experiments.data import augment
+from experiments.image_classification import models, steps, task
+from experiments.image_classification.data import augment
+from experiments.runtime import errors, files, optimizers
+from experiments.study import aggregate, diagnose, grids, plots, reproduce
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,7 +33,7 @@ def test_every_cell_of_every_grid_has_a_valid_config(name):
     )
     for cell in cells:
         config = grids.make_config(grid, cell)
-        trainer.validate_config(config)
+        task.validate_config(config)
         assert (config.optimizer, config.seed, config.label_noise, config.noise_seed) == (
             cell.optimizer,
             cell.seed,
@@ -86,7 +77,7 @@ def test_shards_are_disjoint_and_complete():
     assert sorted(c for s in shards for c in s) == sorted(cells)
     assert grids.parse_shard('3/5') == (3, 5)
     for bad in ('5/5', '-1/2', 'a/b', '1'):
-        with pytest.raises(trainer.ConfigError, match='must be i/n'):
+        with pytest.raises(errors.ConfigError, match='must be i/n'):
             grids.parse_shard(bad)
 
 
@@ -96,16 +87,16 @@ def test_overrides_are_checked_and_typed():
         'data_dir': '/x',
         'rho': 0.2,
     }
-    with pytest.raises(trainer.ConfigError, match='key=value'):
+    with pytest.raises(errors.ConfigError, match='key=value'):
         grids.parse_overrides(['num_epochs'])
     grid, cell = grids.GRIDS['digits'], grids.cells(grids.GRIDS['digits'])[0]
     config = grids.make_config(grid, cell, {'model_kwargs.width': 4, 'seed': 7})
     assert (config.model_kwargs.width, config.seed) == (4, 7)  # --set wins over the cell
-    with pytest.raises(trainer.ConfigError, match="'nope' is not a config field"):
+    with pytest.raises(errors.ConfigError, match="'nope' is not a config field"):
         grids.make_config(grid, cell, {'nope': 1})
-    with pytest.raises(trainer.ConfigError, match='wrong type'):
+    with pytest.raises(errors.ConfigError, match='wrong type'):
         grids.make_config(grid, cell, {'num_epochs': 'many'})
-    with pytest.raises(trainer.ConfigError, match='--grid'):
+    with pytest.raises(errors.ConfigError, match='--grid'):
         grids.get_grid('imagenet')
 
 
@@ -242,49 +233,15 @@ def test_paper_results_are_sourced_and_consistent():
 # --------------------------------------------------------------------------- stability
 
 
-def test_tracked_link_matches_a_hand_computed_sequence():
-    """Linear losses (gradient g_t whatever the weights): SAM's eps_t = rho g_t / |g_t|."""
-    gradients = [
-        np.array([1.0, 0.0]),
-        np.array([1.0, 1.0]),
-        np.array([0.0, 2.0]),
-        np.array([-1.0, 0.5]),
-    ]
-    rho = 0.5
-    tx = stability.track(vasso_jax.sam(rho, keep_perturbation=True))
-    w = jnp.zeros(2)
-    state = tx.init(w)
-    step = jax.jit(lambda g, s: tx.update(g, s, w, grad_fn=lambda p: g))
-    eps = [rho * g / np.linalg.norm(g) for g in gradients]
-    for t, g in enumerate(gradients, start=1):
-        updates, state = step(jnp.asarray(g), state)
-        np.testing.assert_allclose(updates, g)  # a linear loss: the same gradient at w + eps
-        cosines = [
-            e1 @ e0 / (np.linalg.norm(e1) * np.linalg.norm(e0))
-            for e0, e1 in zip(eps[: t - 1], eps[1:t])
-        ]
-        history = np.stack(eps[:t])
-        np.testing.assert_allclose(state.eps_cosine, cosines[-1] if cosines else 0.0, atol=1e-6)
-        np.testing.assert_allclose(
-            state.eps_mean_cosine, np.mean(cosines) if cosines else 0.0, atol=1e-6
-        )
-        np.testing.assert_allclose(state.eps_variance, history.var(axis=0).mean(), atol=1e-7)
-    assert optax.tree.get(state, 'eps_cosine') is state.eps_cosine  # the trainer's lookup
-
-
-def test_track_needs_the_perturbation():
-    with pytest.raises(ValueError, match='keep_perturbation=True'):
-        stability.track(vasso_jax.vasso(0.1, 0.4)).init(jnp.zeros(2))
-
-
 def test_stability_summary():
     history = [
         {'step': 1, 'eps_cosine': 0.2, 'eps_variance': 3.0},
         {'step': 2, 'loss': 1.0},
         {'step': 3, 'eps_cosine': 0.6, 'eps_variance': 1.0},
     ]
-    assert stability.summarize(history) == {'eps_cosine': pytest.approx(0.4), 'eps_variance': 1.0}
-    assert stability.summarize([{'step': 1}]) == {}
+    expected = {'eps_cosine': pytest.approx(0.4), 'eps_variance': 1.0}
+    assert aggregate.stability_summary(history) == expected
+    assert aggregate.stability_summary([{'step': 1}]) == {}
 
 
 @pytest.mark.slow
@@ -296,16 +253,16 @@ def test_trainer_logs_what_the_tracker_computes():
     model = models.get_model('wrn', 10, depth=10, widen_factor=1)
     config = grids.make_config(grids.GRIDS['digits'], grids.Cell('digits_resnet', 'vasso', 0.0, 0))
     assert config.log_stability
-    tx = trainer.make_optimizer(config, 0.05)
-    init_key, data_key, augment_key = trainer.split_keys(0)
-    state = trainer.create_train_state(
+    tx = optimizers.make_optimizer(config, 0.05)
+    init_key, data_key, augment_key = steps.split_keys(0)
+    state = steps.create_train_state(
         model, tx, image_shape=(8, 8, 1), init_key=init_key, augment_key=augment_key
     )
-    diagnostics = trainer.link_diagnostics(state.opt_state)
-    assert diagnostics == trainer.LINK_DIAGNOSTICS + stability.STABILITY_DIAGNOSTICS
+    diagnostics = optimizers.link_diagnostics(state.opt_state)
+    assert diagnostics == optimizers.LINK_DIAGNOSTICS + optimizers.STABILITY_DIAGNOSTICS
     augment_fn = lambda key, x: augment.normalize(x, mean=0.5, std=0.25)
     step = jax.jit(
-        trainer.make_train_step(
+        steps.make_train_step(
             model,
             tx,
             augment_fn,
@@ -315,13 +272,13 @@ def test_trainer_logs_what_the_tracker_computes():
             diagnostics=diagnostics,
         )
     )
-    data = trainer.shard_split(images, labels, labels, 1)
-    perm = trainer.epoch_permutation(data_key, 0, 1, 16)
+    data = steps.shard_split(images, labels, labels, 1)
+    perm = steps.epoch_permutation(data_key, 0, 1, 16)
     tracker = vasso_jax.perturbation_stability()
     tracked = tracker.init(state.params)
     for _ in range(3):
-        state, sums = step(state, trainer.zero_metrics(diagnostics), data, perm)
-        logged = trainer.summarize_train_metrics(jax.device_get(sums))
+        state, sums = step(state, steps.zero_metrics(diagnostics), data, perm)
+        logged = steps.summarize_train_metrics(jax.device_get(sums))
         want, tracked = tracker.update(optax.tree.get(state.opt_state, 'perturbation'), tracked)
         for name in ('cosine', 'mean_cosine', 'variance'):
             np.testing.assert_allclose(logged[f'eps_{name}'], want[name], rtol=1e-5, atol=1e-9)
@@ -366,9 +323,9 @@ def test_grid_runs_resumes_and_aggregates(tmp_path, mock_tfds):
     def interrupted_on_third(config, cell_dir):
         calls.append(os.path.basename(cell_dir))
         if len(calls) == 3:  # preempted halfway through the third cell
-            loop.train_and_evaluate(config, cell_dir, stop_at_step=2)
+            task.train_and_evaluate(config, cell_dir, stop_at_step=2)
             raise KeyboardInterrupt
-        return loop.train_and_evaluate(config, cell_dir)
+        return task.train_and_evaluate(config, cell_dir)
 
     with pytest.raises(KeyboardInterrupt):
         reproduce.run_grid(grid, workdir, train_fn=interrupted_on_third, log=lambda _: None)
@@ -380,7 +337,7 @@ def test_grid_runs_resumes_and_aggregates(tmp_path, mock_tfds):
     calls.clear()
     counting = lambda config, cell_dir: (
         calls.append(os.path.basename(cell_dir)),
-        loop.train_and_evaluate(config, cell_dir),
+        task.train_and_evaluate(config, cell_dir),
     )[1]
     reproduce.run_grid(grid, workdir, train_fn=counting, log=lambda _: None)
     assert calls == names[2:]  # finished cells are not trained again
@@ -412,7 +369,7 @@ def test_diagnostics_of_a_finished_cell(tmp_path, mock_tfds):
     assert 'lambda_max' in done
     cell_dir = os.path.join(str(tmp_path), cell.name)
     result = diagnose.read(cell_dir)
-    summary = aggregate.read_json(os.path.join(cell_dir, 'summary.json'))
+    summary = files.read_json(os.path.join(cell_dir, 'summary.json'))
     assert result['params_checksum'] == summary['params_checksum'] and result['step'] == 4
     assert np.isfinite(result['hessian_top_eigenvalue']) and result['hessian_top_eigenvalue'] > 0
     assert np.isfinite(result['m_sharpness'])

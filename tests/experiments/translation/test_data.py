@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments.data import cifar
+from experiments.image_classification.data import cifar
 from experiments.translation import data
 from experiments.translation import tokenizer as tokenizer_lib
 from tests.experiments.conftest import NUM_MOCK

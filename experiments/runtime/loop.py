@@ -1,0 +1,226 @@
+"""The run loop, task-free: jitted steps, evaluation, checkpoints, metrics, summary.
+
+``train_and_evaluate(task, config, workdir)`` is the whole run behind
+``python -m experiments.train``: the config is checked, the workdir locked and checked, the
+task's data loaded, the optimiser built, and the task's train step jitted once inside the
+non-finite guard. Started on a workdir that holds a checkpoint, it resumes from it; started on
+a finished one, it only rewrites ``summary.json``.
+
+The host synchronises only at log, evaluation and checkpoint steps: between them it just
+enqueues jitted steps.
+"""
+
+import hashlib
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+
+from experiments.runtime import (
+    checkpointing,
+    config_check,
+    distributed,
+    errors,
+    metrics,
+    nonfinite,
+    optimizers,
+    preemption,
+)
+from experiments.runtime import workdir as workdir_lib
+
+
+def total_steps(config: ml_collections.ConfigDict, epoch_steps: int) -> int:
+    """``num_train_steps`` when > 0, else ``num_epochs`` full epochs."""
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    return int(config.num_epochs) * epoch_steps
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int, epoch_steps: int):
+    """``(schedule, tx)`` of a run of ``num_steps`` steps (``runtime/optimizers.py``)."""
+    schedule = optimizers.make_schedule(config, num_steps, epoch_steps)
+    return schedule, optimizers.make_optimizer(config, schedule)
+
+
+def params_checksum(params) -> str:
+    """sha256 of the parameters: path, dtype, shape and raw bytes of each leaf in tree order."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(f'{array.dtype}{array.shape}'.encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def median_throughput(history, key: str) -> float | None:
+    """Median of ``key`` over the log intervals, the first (which includes compiling) left
+    out."""
+    values = [r[key] for r in history if key in r]
+    return float(np.median(values[1:] or values)) if values else None
+
+
+def train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: int | None = None,
+                       allow_config_change: bool = False) -> dict:
+    """Trains and evaluates ``task`` as ``config`` says, in ``workdir``; returns the summary.
+
+    The config is checked before anything is loaded, written or compiled. The workdir is
+    locked for the run (a second live run on it is refused) and must have been started with
+    the same config, up to ``workdir.EXEMPT_KEYS``. SIGTERM / SIGINT checkpoint and stop.
+
+    Args:
+      task: an ``experiments.runtime.task.Task``, e.g. ``image_classification.TASK``.
+      config: a config of the task, e.g. ``experiments/configs/default.py``'s.
+      workdir: output folder; a checkpoint in it is resumed.
+      stop_at_step: stop (checkpointed) at this step as if preempted; the schedule still
+        spans the full run. For tests of resumption and for time-sliced jobs.
+      allow_config_change: continue a workdir started with another config.
+
+    Returns:
+      The dict written to ``summary.json``.
+
+    Raises:
+      errors.BadInputError: an invalid config value (``errors.ConfigError``), a workdir held
+        by another run or started with another config, checkpoints that do not fit or none
+        readable, data not prepared.
+      nonfinite.NonFiniteError: a non-finite loss, gradient or state; nothing was saved of it.
+      preemption.Preempted: a signal stopped the run after checkpointing it.
+    """
+    config_check.check(task, config)
+    if stop_at_step is not None and stop_at_step < 1:
+        raise ValueError(f'stop_at_step must be None or an int >= 1, got {stop_at_step!r}.')
+    workdir_lib.create(workdir)
+    with workdir_lib.lock(workdir, enabled=distributed.is_main_process()), \
+            preemption.Guard(sync_every=config.log_every_steps) as stop:
+        workdir_lib.check_config(workdir, config, defaults=task.default_config(),
+                                 allow_change=allow_config_change)
+        summary = _train_and_evaluate(task, config, workdir, stop_at_step=stop_at_step,
+                                      stop=stop)
+    if stop.stopped and not summary['completed']:
+        raise preemption.Preempted(summary['steps'], stop.signal_name or 'another process')
+    return summary
+
+
+def _mesh_and_shards(config):
+    # Data parallelism: the batch drawn from S data shards (S / D per device); params replicated.
+    mesh = distributed.make_mesh()
+    if config.batch_size % mesh.size:
+        raise errors.ConfigError(
+            f'--config.batch_size={config.batch_size} must divide by the {mesh.size} devices; '
+            f'use a multiple of {mesh.size}.')
+    num_shards = config.get('data_shards', 0) or mesh.size
+    if num_shards % mesh.size:
+        raise errors.ConfigError(
+            f'--config.data_shards={num_shards} must be a multiple of the {mesh.size} devices '
+            '(or 0: one per device).')
+    return mesh, num_shards
+
+
+def _train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *,
+                        stop_at_step: int | None, stop: preemption.Guard) -> dict:
+    """The run itself, inside the workdir lock and the preemption guard."""
+    mesh, num_shards = _mesh_and_shards(config)
+    run = task.load(config, mesh, num_shards)  # this process's shards only
+    epoch_steps = run.epoch_steps
+    main_process = distributed.is_main_process()
+    num_steps = total_steps(config, epoch_steps)
+    end_step = num_steps if stop_at_step is None else min(stop_at_step, num_steps)
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else epoch_steps
+
+    schedule, tx = make_optimizer(config, num_steps, epoch_steps)
+    state = run.init_state(tx)
+    step_fn = run.make_train_step(tx, state)
+    fresh_sums = lambda: nonfinite.with_status(run.zero_metrics())
+    checked = nonfinite.quantities(state, fresh_sums())
+    replicated = distributed.replicated(mesh)
+    state = distributed.put(state, replicated)
+    skip = bool(config.get('skip_nonfinite', False))
+    train_step = jax.jit(nonfinite.guard(step_fn, skip=skip),
+                         in_shardings=(replicated, replicated, *run.input_shardings),
+                         out_shardings=(replicated, replicated), donate_argnums=(0, 1))
+
+    manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+    state = checkpointing.restore_latest(manager, state)
+    start_step = int(state.step)
+    if main_process:  # one writer per run; every process saves its part of checkpoints
+        workdir_lib.save_config(workdir, config)
+        run.save_artifacts(workdir)
+    if start_step:
+        logging.info('Resuming from step %d in %s.', start_step, workdir)
+    writer = metrics.MetricWriter(workdir, start_step=start_step, write_files=main_process)
+    elapsed_before = metrics.last(writer.history, 'elapsed_s', 0.0)
+
+    def evaluate_all(step):
+        record = {'epoch': step / epoch_steps, **run.evaluate(state)}
+        record['elapsed_s'] = elapsed_before + time.time() - start_time
+        return writer.write(step, record)
+
+    bar = tqdm.tqdm(total=num_steps, initial=start_step, unit='step', dynamic_ncols=True,
+                    disable=not config.progress_bar, desc=f'{config.optimizer}')
+    start_time = last_log_time = time.time()
+    last_log_step = start_step
+    sums = fresh_sums()
+    postfix = {}
+    for step in range(start_step, end_step):
+        state, sums = train_step(state, sums, *run.train_inputs(step))
+        done = step + 1
+        preempted = stop.should_stop(done)
+        checkpoint_due = (done % config.checkpoint_every_steps == 0 or done == end_step
+                          or preempted)
+        if done % config.log_every_steps == 0 or checkpoint_due:
+            fetched = jax.device_get(sums)
+            nonfinite.check(fetched, manager, checked)  # before any save: never keep a bad state
+            record = run.summarize_train(nonfinite.strip(fetched))
+            if skip:
+                record['skipped_steps'] = int(fetched['nonfinite_skipped'])
+            sums = fresh_sums()
+            now = time.time()
+            throughput = ((done - last_log_step) * run.examples_per_step
+                          / (now - last_log_time))
+            last_log_step, last_log_time = done, now
+            record.update({'learning_rate': float(schedule(step)), 'epoch': done / epoch_steps,
+                           run.throughput_key: throughput,
+                           'elapsed_s': elapsed_before + now - start_time})
+            writer.write(done, record)
+            postfix.update(run.progress(record))
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(done - bar.n)
+        if done % eval_every == 0 or done == num_steps:
+            record = evaluate_all(done)
+            last_log_time = time.time()  # throughput counts training only
+            postfix[run.eval_name] = f'{record[run.headline]:.3f}'
+            bar.set_postfix(postfix)
+        if checkpoint_due:
+            writer.flush()
+            checkpointing.save(manager, state)
+        if preempted:
+            break
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+
+    summary = make_summary(run, config, state, writer.history, num_steps)
+    if main_process:
+        metrics.write_summary(workdir, summary)
+    return summary
+
+
+def make_summary(run, config, state, history: list[dict], num_steps: int) -> dict:
+    """``summary.json``: the task's keys, the run's progress, throughput and checksum."""
+    summary = {
+        **run.summary(config, history),
+        'optimizer': config.optimizer, 'seed': config.seed,
+        'steps': int(state.step), 'total_steps': num_steps,
+        'completed': int(state.step) >= num_steps,
+        'wall_time_s': metrics.last(history, 'elapsed_s', 0.0),
+        run.throughput_key: median_throughput(history, run.throughput_key),
+        'params_checksum': params_checksum(state.params),
+    }
+    if config.get('skip_nonfinite', False):
+        summary['skipped_steps'] = int(sum(r.get('skipped_steps', 0) for r in history))
+    return summary

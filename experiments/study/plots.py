@@ -1,0 +1,182 @@
+"""Plots of a grid: test-accuracy curves, a bar chart with error bars, adversary stability.
+
+Every figure has one panel per (config, label-noise level) of the grid and one line (or bar)
+per optimiser, averaged over the seeds that have data (shaded / error bar: ± one standard
+deviation). Curves use every run that logged, finished or not.
+"""
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from experiments.runtime import metrics
+from experiments.study import aggregate, grids
+
+COLORS = {'sgd': 'tab:gray', 'sam': 'tab:blue', 'vasso': 'tab:red', 'asam': 'tab:green'}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def mean_curve(histories: Sequence[list[dict]], key: str):
+    """``(epochs, mean, std)`` of ``key`` over runs, on the steps that every run logged."""
+    series = [
+        {r['step']: (r.get('epoch'), r[key]) for r in h if r.get(key) is not None}
+        for h in histories
+    ]
+    series = [s for s in series if s]
+    if not series:
+        return None
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    if not steps:
+        return None
+    values = np.array([[s[step][1] for step in steps] for s in series], np.float64)
+    epochs = np.array(
+        [series[0][step][0] if series[0][step][0] is not None else step for step in steps],
+        np.float64,
+    )
+    return epochs, values.mean(0), values.std(0)
+
+
+def _panels(grid: grids.Grid):
+    return [(c, n) for c in grid.configs for n in grid.label_noise]
+
+
+def _histories(runs, config, noise, optimizer):
+    return [
+        metrics.read_history(r.workdir)
+        for r in runs
+        if (r.cell.config, r.cell.label_noise, r.cell.optimizer) == (config, noise, optimizer)
+    ]
+
+
+def curves(
+    grid: grids.Grid,
+    runs: Sequence[aggregate.Run],
+    path: str,
+    *,
+    keys: Sequence[tuple[str, str, float, bool]],
+    title: str,
+) -> str | None:
+    """One row per ``(metric key, y label, scale, log y)``, one column per panel; None if no
+    data."""
+    plt = _pyplot()
+    panels = _panels(grid)
+    fig, axes = plt.subplots(
+        len(keys),
+        len(panels),
+        figsize=(4 * len(panels), 3.2 * len(keys)),
+        squeeze=False,
+        sharex='col',
+    )
+    drawn = False
+    for col, (config, noise) in enumerate(panels):
+        histories = {o: _histories(runs, config, noise, o) for o in grid.optimizers}
+        for row, (key, ylabel, scale, log) in enumerate(keys):
+            ax = axes[row][col]
+            for optimizer, hs in histories.items():
+                curve = mean_curve(hs, key)
+                if curve is None:
+                    continue
+                epochs, mean, std = curve
+                color = COLORS.get(optimizer)
+                n = sum(any(r.get(key) is not None for r in h) for h in hs)
+                ax.plot(epochs, scale * mean, label=f'{optimizer} (n={n})', color=color)
+                ax.fill_between(
+                    epochs, scale * (mean - std), scale * (mean + std), alpha=0.2, color=color
+                )
+                drawn = True
+            if log and ax.lines:
+                ax.set_yscale('log')
+            if row == 0:
+                ax.set_title(aggregate.column_label(grid, config, noise))
+            if row == len(keys) - 1:
+                ax.set_xlabel('epoch')
+            if col == 0:
+                ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path if drawn else None
+
+
+def bars(
+    grid: grids.Grid, runs: Sequence[aggregate.Run], path: str, metric: str = 'final_test_accuracy'
+) -> str | None:
+    """Grouped bars of ``metric`` (percent), mean ± std over seeds; None if no data."""
+    groups = aggregate.group_values(runs, metric)
+    if not groups:
+        return None
+    plt = _pyplot()
+    panels = _panels(grid)
+    width = 0.8 / len(grid.optimizers)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(panels) + 2), 3.8))
+    x = np.arange(len(panels))
+    lows = []
+    for i, optimizer in enumerate(grid.optimizers):
+        stats = [
+            aggregate.mean_std(groups[(c, n, optimizer)])
+            if (c, n, optimizer) in groups
+            else (np.nan, 0.0)
+            for c, n in panels
+        ]
+        mean = 100 * np.array([s[0] for s in stats])
+        std = 100 * np.array([s[1] for s in stats])
+        lows.append(np.nanmin(mean - std) if np.isfinite(mean).any() else np.nan)
+        ax.bar(
+            x + (i - (len(grid.optimizers) - 1) / 2) * width,
+            mean,
+            width,
+            yerr=std,
+            capsize=3,
+            label=optimizer,
+            color=COLORS.get(optimizer),
+        )
+    low = np.nanmin(lows)
+    ax.set_ylim(max(0.0, low - 5), 100)
+    ax.set_xticks(x, [aggregate.column_label(grid, c, n) for c, n in panels])
+    ax.set_ylabel('final test accuracy (%)')
+    ax.set_title(f'{grid.name}: mean ± std over {len(grid.seeds)} seeds')
+    ax.grid(axis='y', alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def grid_plots(grid: grids.Grid, runs: Sequence[aggregate.Run], workdir: str) -> list[str]:
+    """All plots of a grid into ``workdir``; returns the paths drawn."""
+    drawn = [
+        curves(
+            grid,
+            runs,
+            os.path.join(workdir, 'test_accuracy.png'),
+            keys=[('test_accuracy', 'test accuracy (%)', 100.0, False)],
+            title=f'{grid.name}: test accuracy (mean ± std over seeds)',
+        ),
+        bars(grid, runs, os.path.join(workdir, 'final_accuracy.png')),
+        curves(
+            grid,
+            runs,
+            os.path.join(workdir, 'stability.png'),
+            keys=[
+                ('eps_cosine', 'cos(eps_t, eps_t-1)', 1.0, False),
+                ('eps_variance', 'variance of eps_1..eps_t', 1.0, False),
+            ],
+            title=f'{grid.name}: adversary stability over training',
+        ),
+    ]
+    return [p for p in drawn if p]

@@ -76,10 +76,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.model_kwargs = ml_collections.ConfigDict({'width': 64, 'dtype': 'float32'})
 
     # Data.
-    config.dataset = 'cifar10'  # cifar10 | cifar100 | cifar10_n | digits | my_pkg.data:load
+    # cifar10 | cifar100 | cifar10_n | digits | fashion_mnist | an import path my_pkg.data:load
+    config.dataset = 'cifar10'
     config.dataset_kwargs = ml_collections.ConfigDict()  # of an import-path dataset
     config.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir
     config.validation_size = 0  # held out of train; evaluated instead of the test split
+    config.train_subset = 0  # > 0: train on a fixed random subset of this many examples
     config.label_noise = 0.0  # fraction of training labels corrupted, once, seeded
     config.noise_type = 'symmetric'
     config.noise_seed = 0

@@ -22,6 +22,7 @@ DATASET_SHAPES = {
     'cifar100': (50_000, 32),
     'cifar10_n': (50_000, 32),
     'digits': (1_438, 8),
+    'fashion_mnist': (60_000, 28),
 }
 
 
@@ -57,10 +58,11 @@ def _check_data(config) -> None:
     num_train, side = DATASET_SHAPES[config.dataset]
     if config.label_noise and config.dataset == 'cifar10_n':
         fail('label_noise', 'must be 0 for cifar10_n, which has human label noise already.')
-    if config.label_noise and config.noise_type == 'asymmetric' and config.dataset != 'cifar10':
+    if (config.label_noise and config.noise_type == 'asymmetric'
+            and config.dataset not in data.noise.ASYMMETRIC_MAPS):
         fail(
             'noise_type',
-            f"='asymmetric' needs --config.dataset=cifar10 (its class map), "
+            f"='asymmetric' has class maps for {', '.join(data.noise.ASYMMETRIC_MAPS)} only, "
             f"got {config.dataset}; use 'symmetric'.",
         )
     validation = number(config, 'validation_size', integer=True)
@@ -69,10 +71,18 @@ def _check_data(config) -> None:
             'validation_size',
             f'must be in [0, {num_train}) for {config.dataset}, got {validation}.',
         )
-    if config.batch_size > num_train - validation:
+    subset = number(config, 'train_subset', integer=True)
+    if not 0 <= subset <= num_train - validation:
+        fail(
+            'train_subset',
+            f'must be in [0, {num_train - validation}] for {config.dataset} (0 = all), '
+            f'got {subset}.',
+        )
+    available = subset or num_train - validation
+    if config.batch_size > available:
         fail(
             'batch_size',
-            f'={config.batch_size} exceeds the {num_train - validation} '
+            f'={config.batch_size} exceeds the {available} '
             f'training examples of {config.dataset}; lower it.',
         )
     image = f'{side}x{side} images of {config.dataset}'

@@ -71,7 +71,8 @@ def open_source(config: ml_collections.ConfigDict) -> data.Source:
         data.check_noise(config.dataset, config.label_noise, config.noise_type)
         return data.open_dataset(config.dataset, data_dir=config.data_dir,
                                  validation_size=config.validation_size,
-                                 dataset_kwargs=dict(config.get('dataset_kwargs') or {}))
+                                 dataset_kwargs=dict(config.get('dataset_kwargs') or {}),
+                                 train_subset=config.train_subset)
     except data.DatasetNotFoundError:
         raise
     except ValueError as e:  # the data module's argument checks: a bad config value

@@ -46,7 +46,7 @@ def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
     return data.load_dataset(
         config.dataset, data_dir=config.data_dir, validation_size=config.validation_size,
         label_noise=config.label_noise, noise_type=config.noise_type,
-        noise_seed=config.noise_seed,
+        noise_seed=config.noise_seed, train_subset=config.train_subset,
         dataset_kwargs=dict(config.get('dataset_kwargs') or {}))
 
 

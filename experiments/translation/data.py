@@ -81,8 +81,8 @@ def load_pairs(
       The pairs in the split's order; ted examples lacking either language are skipped.
 
     Raises:
-      experiments.image_classification.data.cifar.DatasetNotFoundError: the dataset is not prepared as
-        ArrayRecord under ``data_dir``; its message names ``--config.data_dir``.
+      cifar.DatasetNotFoundError: the dataset is not prepared as ArrayRecord under
+        ``data_dir``; its message names ``--config.data_dir``.
     """
     if name not in DATASETS:
         raise ValueError(f'Unknown translation dataset {name!r}; choose one of {DATASETS}.')

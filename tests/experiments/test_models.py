@@ -12,6 +12,7 @@ from experiments.image_classification.models import pyramidnet, resnet, wide_res
 
 # Tiny versions of every registered model: same depth and topology, a handful of channels.
 TINY = {
+    'cnn': {'width': 2, 'hidden': 8},
     'resnet18': {'width': 4},
     'resnet34': {'width': 2},
     'wrn': {'depth': 10, 'widen_factor': 2, 'base_width': 2},
@@ -27,6 +28,7 @@ CIFAR = (3, 32, 32, 3)
 # inputs, and an odd size (7 -> 4 -> 2) where the ceil-mode pooled shortcut must match the
 # stride-2 convolution.
 RUNNABLE = [
+    ('cnn', {'width': 4, 'hidden': 8}, (3, 28, 28, 1)),
     ('resnet18', {'width': 4}, DIGITS),
     ('wrn', {'depth': 10, 'widen_factor': 2, 'base_width': 2}, CIFAR),
     ('wrn', {'depth': 10, 'widen_factor': 2, 'base_width': 2, 'shortcut': 'zero_pad'}, DIGITS),
@@ -115,10 +117,13 @@ def test_forward_and_batch_stats(name, kwargs, shape):
     ('pyramidnet110', 10, {}, 28_485_477),
     ('pyramidnet110', 100, {}, 28_511_307),
     ('pyramidnet', 10, {'alpha': 48}, 1_772_706),
+    # 3x3 convs 1-16-16-32-32 (no bias), 4 BatchNorms, 7x7x32 -> 128 -> 10.
+    ('cnn', 10, {}, 9 * (16 + 16 * 16 + 16 * 32 + 32 * 32) + 2 * 96 + 1569 * 128 + 129 * 10),
 ])
 def test_parameter_count(name, num_classes, kwargs, expected):
     model = models.get_model(name, num_classes=num_classes, **kwargs)
-    assert num_params(abstract_variables(model, (1, 32, 32, 3))) == expected
+    shape = (1, 28, 28, 1) if name == 'cnn' else (1, 32, 32, 3)
+    assert num_params(abstract_variables(model, shape)) == expected
 
 
 def test_zero_pad_shortcut_has_no_projection_parameters():
@@ -184,7 +189,7 @@ def test_dropout_uses_the_dropout_key_and_is_off_in_eval():
 
 
 def test_unknown_model_name_lists_valid_names():
-    with pytest.raises(ValueError, match="Unknown model 'resnet50'; valid names: resnet18, "):
+    with pytest.raises(ValueError, match="Unknown model 'resnet50'; valid names: cnn, resnet18, "):
         models.get_model('resnet50', num_classes=10)
 
 

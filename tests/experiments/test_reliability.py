@@ -390,7 +390,7 @@ BAD_CONFIGS = [
     (
         'asymmetric noise',
         {'noise_type': 'asymmetric'},
-        "--config.noise_type='asymmetric' needs --config.dataset=cifar10 (its class map), got "
+        "--config.noise_type='asymmetric' has class maps for cifar10, fashion_mnist only, got "
         "digits; use 'symmetric'.",
     ),
     (

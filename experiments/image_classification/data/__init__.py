@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from experiments.image_classification.data import cifar, digits, noise
+from experiments.image_classification.data import cifar, digits, fashion_mnist, noise
 from experiments.runtime import imports
 
-DATASETS = ('cifar10', 'cifar100', 'cifar10_n', 'digits')
+DATASETS = ('cifar10', 'cifar100', 'cifar10_n', 'digits', 'fashion_mnist')
 NOISE_TYPES = ('symmetric', 'asymmetric')
 # Raised by `load_dataset` for a TFDS dataset that is not prepared under `data_dir`.
 DatasetNotFoundError = cifar.DatasetNotFoundError
@@ -151,10 +151,10 @@ def check_noise(name: str, label_noise: float, noise_type: str) -> None:
             'cifar10_n already has human label noise; set label_noise=0 (pick the labels '
             'with human_label=...).'
         )
-    if label_noise and noise_type == 'asymmetric' and name != 'cifar10':
+    if label_noise and noise_type == 'asymmetric' and name not in noise.ASYMMETRIC_MAPS:
         raise ValueError(
-            f"Asymmetric noise uses the CIFAR-10 class map and cannot apply to {name}; use "
-            "noise_type='symmetric'."
+            f"Asymmetric noise has class maps for {', '.join(noise.ASYMMETRIC_MAPS)} only, not "
+            f"{name}; use noise_type='symmetric'."
         )
 
 
@@ -165,6 +165,7 @@ def open_dataset(
     validation_size: int = 0,
     human_label: str = 'worse_label',
     dataset_kwargs: dict | None = None,
+    train_subset: int = 0,
 ) -> Source:
     """Opens a dataset for reading by row, optionally holding out a validation split.
 
@@ -182,6 +183,9 @@ def open_dataset(
       dataset_kwargs: keyword arguments of an import-path dataset's function.
       human_label: cifar10_n only: which human label field to train on, one of
         `experiments.data.cifar.HUMAN_LABELS`; ``'worse_label'`` is the noisiest (40%).
+      train_subset: if > 0, train on this many training examples only: a random subset
+        drawn once with a fixed seed (0), so every run, optimiser and seed uses the same
+        images (after any validation split is held out).
 
     Returns:
       A `Source`. CIFAR images are read (and decoded) only when asked for; the digits are
@@ -200,7 +204,10 @@ def open_dataset(
     check_name(name)
     if validation_size < 0:
         raise ValueError(f'validation_size must be >= 0, got {validation_size}.')
-    if imports.is_import_path(name) or name == 'digits':
+    if name == 'fashion_mnist':  # 55 MB: read whole, like the in-memory datasets below
+        train, test, num_classes = fashion_mnist.load_fashion_mnist(data_dir)
+        (num_train, read_train), (num_eval, read_eval) = _array_reader(train), _array_reader(test)
+    elif imports.is_import_path(name) or name == 'digits':
         load = imports.resolve(name) if name != 'digits' else digits.load_digits
         train, test, num_classes = load(**(dataset_kwargs or {}))
         (num_train, read_train), (num_eval, read_eval) = _array_reader(train), _array_reader(test)
@@ -219,6 +226,15 @@ def open_dataset(
         def read_eval(rows, read=read_train, first=num_train):  # the held-out last examples
             columns = read(first + rows)
             return {'image': columns['image'], 'label': columns['label']}
+
+    if train_subset:
+        if not 0 < train_subset <= num_train:
+            raise ValueError(
+                f'train_subset must be in [1, {num_train}] (the training examples of {name}), '
+                f'got {train_subset}; 0 trains on all.'
+            )
+        subset = np.sort(np.random.default_rng(0).choice(num_train, train_subset, replace=False))
+        num_train, read_train = train_subset, lambda rows, read=read_train: read(subset[rows])
 
     return Source(name=name, num_classes=num_classes, num_train=num_train, num_eval=num_eval,
                   eval_split=eval_split, _read_train=read_train, _read_eval=read_eval)
@@ -243,7 +259,8 @@ def trained_labels(
     if label_noise and noise_type == 'symmetric':
         return noise.symmetric_noise(true_labels, label_noise, source.num_classes, noise_seed)[0]
     if label_noise:
-        return noise.asymmetric_noise(true_labels, label_noise, noise_seed)[0]
+        class_map = noise.ASYMMETRIC_MAPS[source.name]
+        return noise.asymmetric_noise(true_labels, label_noise, noise_seed, class_map)[0]
     labels = true_labels if human_labels is None else human_labels
     return np.asarray(labels, np.int32)
 
@@ -258,15 +275,16 @@ def load_dataset(
     noise_seed: int = 0,
     human_label: str = 'worse_label',
     dataset_kwargs: dict | None = None,
+    train_subset: int = 0,
 ) -> Dataset:
     """Reads a whole dataset into memory, optionally holding out a validation split and
     adding label noise.
 
     Args:
-      name, data_dir, validation_size, human_label: as for `open_dataset`.
+      name, data_dir, validation_size, human_label, train_subset: as for `open_dataset`.
       label_noise: fraction of the remaining training labels to corrupt, in ``[0, 1)``.
       noise_type: ``'symmetric'`` (any other class, uniformly) or ``'asymmetric'`` (the
-        CIFAR-10 class map, cifar10 only); see `experiments.data.noise`.
+        class map of cifar10 or fashion_mnist); see `experiments.image_classification.data.noise`.
       noise_seed: seed of the corruption.
 
     Returns:
@@ -289,7 +307,8 @@ def load_dataset(
     check_name(name)
     check_noise(name, label_noise, noise_type)
     source = open_dataset(name, data_dir=data_dir, validation_size=validation_size,
-                          human_label=human_label, dataset_kwargs=dataset_kwargs)
+                          human_label=human_label, dataset_kwargs=dataset_kwargs,
+                          train_subset=train_subset)
     train = source.read_train(np.arange(source.num_train))
     test = source.read_eval(np.arange(source.num_eval))
     labels = trained_labels(source, train['label'], train.get('noisy_label'),

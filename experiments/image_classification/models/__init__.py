@@ -24,11 +24,12 @@ Examples:
 
 import flax.linen as nn
 
-from experiments.image_classification.models import pyramidnet, resnet, wide_resnet
+from experiments.image_classification.models import cnn, pyramidnet, resnet, wide_resnet
 from experiments.runtime import imports
 
 # name -> (constructor, default keyword arguments); keyword arguments to get_model override.
 _REGISTRY = {
+    'cnn': (cnn.SmallCNN, {}),
     'resnet18': (resnet.ResNet18, {}),
     'resnet34': (resnet.ResNet34, {}),
     'wrn': (wide_resnet.WideResNet, {}),
@@ -66,7 +67,8 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 
     Args:
       name: an import path (``'my_pkg.nets:MyNet'``, built as ``MyNet(num_classes=...,
-        **kwargs)``) or one of ``MODEL_NAMES``: ``'resnet18'``, ``'resnet34'`` (kwarg
+        **kwargs)``) or one of ``MODEL_NAMES``: ``'cnn'`` (kwargs ``width`` = 16, ``hidden`` =
+        128: a small BatchNorm CNN for 28x28 images), ``'resnet18'``, ``'resnet34'`` (kwarg
         ``width``, default 64); ``'wrn'`` (kwargs ``depth`` = 28, ``widen_factor`` = 10),
         ``'wrn28_10'``,
         ``'wrn16_4'`` (all WRNs: ``dropout_rate``, ``shortcut``, ``base_width``);

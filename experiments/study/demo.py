@@ -19,8 +19,9 @@ from absl import app, flags, logging
 from experiments.configs import digits_resnet
 from experiments.image_classification import task
 from experiments.runtime import cli, metrics
+from experiments.study import grids
 
-OPTIMIZERS = ('sgd', 'sam', 'vasso')
+OPTIMIZERS = grids.OPTIMIZERS  # the study's three: sgd, sam, vasso
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Output folder (one subfolder a run).',
                                 allow_override=True)  # reproduce.py defines it too

@@ -29,6 +29,7 @@ import ml_collections
 
 from experiments.runtime import errors
 
+# The optimisers the study compares (the demo's too).
 OPTIMIZERS = ('sgd', 'sam', 'vasso')
 
 
@@ -102,6 +103,9 @@ _PAPER_OPTIMIZERS = {'sgd': {'weight_decay': 5e-4}}
 
 # Stability logging costs three params-sized float32 trees, fine on a GPU for these models.
 _LOG_STABILITY = {'log_stability': True, 'progress_bar': False}
+# The GPU grids' final-model diagnostics (top Hessian eigenvalue, m-sharpness).
+_GPU_DIAGNOSTICS = Diagnostics(num_examples=1024, num_iters=20, m=128, groups_per_step=1,
+                               batch_size=256)
 
 GRIDS: dict[str, Grid] = {
     grid.name: grid
@@ -120,9 +124,7 @@ GRIDS: dict[str, Grid] = {
             ),
             overrides=_LOG_STABILITY,
             optimizer_overrides=_PAPER_OPTIMIZERS,
-            diagnostics=Diagnostics(
-                num_examples=1024, num_iters=20, m=128, groups_per_step=1, batch_size=256
-            ),
+            diagnostics=_GPU_DIAGNOSTICS,
         ),
         Grid(
             name='label_noise',
@@ -132,9 +134,7 @@ GRIDS: dict[str, Grid] = {
             label_noise=(0.2, 0.4, 0.6, 0.8),
             overrides={**_LOG_STABILITY, 'eval_train': True},
             optimizer_overrides=_PAPER_OPTIMIZERS,
-            diagnostics=Diagnostics(
-                num_examples=1024, num_iters=20, m=128, groups_per_step=1, batch_size=256
-            ),
+            diagnostics=_GPU_DIAGNOSTICS,
         ),
         Grid(
             name='label_noise_cifar10n',
@@ -143,9 +143,7 @@ GRIDS: dict[str, Grid] = {
             configs=('cifar10_resnet18',),
             overrides={**_LOG_STABILITY, 'eval_train': True, 'dataset': 'cifar10_n'},
             optimizer_overrides=_PAPER_OPTIMIZERS,
-            diagnostics=Diagnostics(
-                num_examples=1024, num_iters=20, m=128, groups_per_step=1, batch_size=256
-            ),
+            diagnostics=_GPU_DIAGNOSTICS,
         ),
         Grid(
             name='digits',

@@ -228,3 +228,31 @@ def test_bad_distributed_flags(flags, message):
                        .replace(')', r'\)')):
         distributed.initialize(**values)
     assert os.environ.get('JAX_COORDINATOR_ADDRESS') is None
+
+
+@pytest.mark.slow
+def test_two_processes_fall_back_past_an_unreadable_checkpoint(tmp_path):
+    """Both processes skip the damaged latest step, resume from the one before, and train
+    again to the same params; process 0 alone moves the step aside."""
+    from tests.experiments.test_reliability import damage
+
+    args = ['--config', 'experiments/configs/cifar10_resnet18.py', '--config.num_train_steps=4',
+            '--config.batch_size=16', '--config.eval_batch_size=16', '--config.log_every_steps=2',
+            '--config.checkpoint_every_steps=2', '--config.keep_checkpoints=3', *TINY]
+    workdir = tmp_path / 'two'
+    for attempt in ('first', 'after the damage'):
+        procs = start_two_processes(args, workdir)
+        outs = finish(procs)
+        for p, (_, err) in zip(procs, outs):
+            assert p.returncode == 0, f'{attempt}: {err[-3000:]}'
+        summary = json.loads((workdir / 'summary.json').read_text())
+        assert summary['steps'] == 4 and summary['completed']
+        if attempt == 'first':
+            checksum = summary['params_checksum']
+            damage(workdir / 'checkpoints' / '4', 'garbage')
+    for _, err in outs:  # each process warned, naming the step it skipped
+        assert 'Skipped the checkpoint at step 4' in err and 'resumed from step 2' in err, err
+    assert summary['params_checksum'] == checksum  # steps 3-4 trained again, the same
+    assert os.listdir(workdir / 'checkpoints_unreadable') == ['4']
+    steps = [r['step'] for r in metrics.read_history(str(workdir)) if 'train_loss' in r]
+    assert steps == [2, 4]

@@ -116,3 +116,13 @@ def test_skip_nonfinite_drops_the_steps_counts_them_and_continues(tmp_path, monk
     # is NaN again): the params stay those after step 1, bit for bit.
     assert summary['completed'] and summary['skipped_steps'] == 2
     assert summary['params_checksum'] == clean['params_checksum']
+
+
+@pytest.mark.slow
+def test_a_dataset_by_import_path_trains(tmp_path):
+    """The digits loader given as an import path is the built-in 'digits', bit for bit."""
+    path = 'experiments.image_classification.data.digits:load_digits'
+    by_path = task.train_and_evaluate(short(dataset=path), str(tmp_path / 'path'))
+    by_name = task.train_and_evaluate(short(), str(tmp_path / 'name'))
+    assert by_path['dataset'] == path and by_path['completed']
+    assert by_path['params_checksum'] == by_name['params_checksum']

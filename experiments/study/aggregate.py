@@ -148,7 +148,7 @@ def table(grid: grids.Grid, runs: Sequence[Run], metric: Metric) -> str:
     groups = group_values(runs, metric.key)
     if not groups:
         return ''
-    columns = [(c, n) for c in grid.configs for n in grid.label_noise]
+    columns = grids.columns(grid)
     lines = [
         f'**{metric.title}**',
         '',

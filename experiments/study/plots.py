@@ -46,7 +46,7 @@ def mean_curve(histories: Sequence[list[dict]], key: str):
 
 
 def _panels(grid: grids.Grid):
-    return [(c, n) for c in grid.configs for n in grid.label_noise]
+    return grids.columns(grid)
 
 
 def _histories(runs, config, noise, optimizer):

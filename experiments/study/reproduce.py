@@ -18,6 +18,10 @@ machines sharing WORKDIR (cells ``i, i+n, ...``). After training, each finished 
 are written to
 ``WORKDIR/results.md`` and ``WORKDIR/*.png``, with the published numbers of
 ``experiments/study/paper_results.json`` next to ours.
+
+A grid that takes longer than a machine lives: ``--results_dir experiments/study/results/GRID
+--git_commit`` commits each finished cell's summary, metrics and diagnostics as it completes;
+the same command on a fresh clone restores them and carries on with the rest.
 """
 
 import os
@@ -29,7 +33,7 @@ from absl import app, flags, logging
 
 from experiments.image_classification import task
 from experiments.runtime import cli, errors, files
-from experiments.study import aggregate, diagnose, grids, plots
+from experiments.study import aggregate, diagnose, grids, plots, records
 
 _GRID = flags.DEFINE_enum('grid', None, list(grids.GRIDS), 'The grid to run.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder: one subfolder per cell.',
@@ -43,6 +47,12 @@ _SET = flags.DEFINE_multi_string(
 _AGGREGATE_ONLY = flags.DEFINE_bool('aggregate_only', False, 'Only aggregate what exists.')
 _LIST = flags.DEFINE_bool('list', False, 'Print the cells of the grid and exit.')
 _DIAGNOSTICS = flags.DEFINE_bool('diagnostics', True, 'Compute final-model diagnostics.')
+_RESULTS_DIR = flags.DEFINE_string(
+    'results_dir', '', 'Keep each finished cell\'s summary, metrics and diagnostics here too (a '
+    'repository folder, e.g. experiments/study/results/GRID), and restore them from here into '
+    'a fresh workdir: a long grid survives the machine.')
+_GIT_COMMIT = flags.DEFINE_bool(
+    'git_commit', False, 'With --results_dir: git-commit each cell\'s record once it is done.')
 _CACHE = flags.DEFINE_string(
     'compilation_cache',
     'WORKDIR/jax_cache',
@@ -66,8 +76,11 @@ def run_cell(
     train_fn: Callable = task.train_and_evaluate,
     diagnostics: bool = True,
     log: Callable = print,
+    results_dir: str = '',
+    git_commit: bool = False,
 ) -> str:
-    """Trains one cell unless finished, then adds its diagnostics; returns what was done."""
+    """Trains one cell unless finished, then adds its diagnostics (and keeps its record in
+    ``results_dir``, see :mod:`.records`); returns what was done."""
     cell_dir = os.path.join(workdir, cell.name)
     config = grids.make_config(grid, cell, overrides)
     if is_finished(cell_dir):
@@ -85,6 +98,10 @@ def run_cell(
             f'; lambda_max {result["hessian_top_eigenvalue"]:.3g}, '
             f'm-sharpness {result["m_sharpness"]:.3g}'
         )
+    if results_dir and (done != 'skipped (finished)'
+                        or not records.is_recorded(results_dir, cell.name)):
+        records.record(cell_dir, results_dir, cell.name, git_commit=git_commit)
+        done += f'; recorded in {results_dir}'
     log(f'{cell.name}: {done}')
     return done
 
@@ -98,10 +115,16 @@ def run_grid(
     train_fn: Callable = task.train_and_evaluate,
     diagnostics: bool = True,
     log: Callable = print,
+    results_dir: str = '',
+    git_commit: bool = False,
 ) -> list[grids.Cell]:
     """Runs this process's shard of ``grid`` in order; returns its cells."""
     os.makedirs(workdir, exist_ok=True)
     todo = grids.shard(grids.cells(grid), *shard)
+    if results_dir:
+        restored = records.restore(results_dir, workdir, [c.name for c in todo])
+        if restored:
+            log(f'Restored {len(restored)} finished cells from {results_dir}.')
     for i, cell in enumerate(todo):
         log(f'[{i + 1}/{len(todo)}] {cell.name}')
         run_cell(
@@ -112,6 +135,8 @@ def run_grid(
             train_fn=train_fn,
             diagnostics=diagnostics,
             log=log,
+            results_dir=results_dir,
+            git_commit=git_commit,
         )
     return todo
 
@@ -147,6 +172,12 @@ def main(argv: Sequence[str]):
             jax.config.update(
                 'jax_compilation_cache_dir', _CACHE.value.replace('WORKDIR', _WORKDIR.value)
             )
+        if _GIT_COMMIT.value and not _RESULTS_DIR.value:
+            raise errors.ConfigError('--git_commit needs --results_dir, e.g. '
+                                     f'--results_dir experiments/study/results/{grid.name}.')
+        if _AGGREGATE_ONLY.value and _RESULTS_DIR.value:
+            records.restore(_RESULTS_DIR.value, _WORKDIR.value,
+                            [c.name for c in grids.cells(grid)])
         if not _AGGREGATE_ONLY.value:
             run_grid(
                 grid,
@@ -154,6 +185,8 @@ def main(argv: Sequence[str]):
                 shard=shard,
                 overrides=overrides,
                 diagnostics=_DIAGNOSTICS.value,
+                results_dir=_RESULTS_DIR.value,
+                git_commit=_GIT_COMMIT.value,
             )
     path, text = aggregate.write_report(grid, _WORKDIR.value, plot_fn=plots.grid_plots)
     print('\n' + text)

@@ -29,13 +29,14 @@ def test_every_cell_of_every_grid_has_a_valid_config(name):
     assert (
         len({c.name for c in cells})
         == len(cells)
-        == (len(grid.configs) * len(grid.optimizers) * len(grid.seeds) * len(grid.label_noise))
+        == (len(grids.columns(grid)) * len(grid.optimizers) * len(grid.seeds))
     )
     for cell in cells:
         config = grids.make_config(grid, cell)
         task.validate_config(config)
+        method = grid.optimizer_overrides.get(cell.optimizer, {}).get('optimizer', cell.optimizer)
         assert (config.optimizer, config.seed, config.label_noise, config.noise_seed) == (
-            cell.optimizer,
+            method,
             cell.seed,
             cell.label_noise,
             cell.seed,
@@ -56,6 +57,35 @@ def test_grids_hold_the_issue_settings():
     sgd = grids.make_config(paper, grids.Cell('cifar10_resnet18', 'sgd', 0.0, 0))
     vasso = grids.make_config(paper, grids.Cell('cifar10_resnet18', 'vasso', 0.0, 0))
     assert (sgd.weight_decay, vasso.weight_decay) == (5e-4, 1e-3)  # the official README's
+
+
+def test_fashion_mnist_grids_hold_the_issue_settings():
+    grid = grids.GRIDS['label_noise_fmnist']
+    settings = {(grids.make_config(grid, c).noise_type, c.label_noise) for c in grids.cells(grid)}
+    assert settings == {('symmetric', 0.0), ('symmetric', 0.4), ('symmetric', 0.6),
+                        ('asymmetric', 0.4)}
+    assert len(grids.cells(grid)) == 4 * 4 * 3  # settings x optimizers x seeds
+    assert set(grid.optimizers) == {'sgd', 'sam', 'vasso', 'asam'}
+    sweep = grids.GRIDS['label_noise_fmnist_sweep']
+    configs = [grids.make_config(sweep, c) for c in grids.cells(sweep)]
+    recipe = grids.make_config(grid, grids.Cell('fashion_mnist_noise', 'vasso', 0.4, 0))
+    thetas = {c.theta for c in configs if c.optimizer == 'vasso' and c.rho == recipe.rho}
+    assert thetas == {0.1, 0.4, 0.9, 1.0}
+    rhos = {(c.optimizer, c.rho / recipe.rho) for c in configs if c.theta == recipe.theta}
+    assert {('sam', 0.5), ('sam', 2.0), ('vasso', 0.5), ('vasso', 2.0)} <= rhos
+    assert all(c.label_noise == 0.4 and c.seed == 0 for c in configs)
+
+
+def test_skipped_settings_are_neither_run_nor_tabulated(tmp_path):
+    grid = grids.Grid('t', 't', configs=('a', 'b'), optimizers=('sgd',), seeds=(0,),
+                      label_noise=(0.0, 0.4), skip=frozenset({('b', 0.0)}))
+    assert [c.name for c in grids.cells(grid)] == [
+        'a-sgd-noise00-seed0', 'a-sgd-noise40-seed0', 'b-sgd-noise40-seed0']
+    for cell in grids.cells(grid):
+        write_run(str(tmp_path), cell, 0.5)
+    runs = aggregate.collect(grid, str(tmp_path))
+    header = aggregate.table(grid, runs, aggregate.ACCURACY_TABLES[0]).splitlines()[2]
+    assert header == '| optimizer | a / noise 0% | a / noise 40% | b / noise 40% |'
 
 
 def test_cells_put_the_seed_outermost():
@@ -403,3 +433,45 @@ def test_cli_lists_aggregates_and_rejects_bad_flags(tmp_path):
     )
     assert bad.returncode == 2 and bad.stderr.strip().count('\n') == 0
     assert 'must be i/n' in bad.stderr
+
+
+def test_records_survive_a_fresh_workdir_and_are_committed(tmp_path):
+    grid = grids.Grid('t', 't', configs=('digits_resnet',), optimizers=('sgd', 'vasso'),
+                      seeds=(0,))
+    repo = tmp_path / 'repo'
+    repo.mkdir()
+    git = lambda *args: subprocess.run(['git', '-C', str(repo), *args], check=True,
+                                       capture_output=True, text=True).stdout
+    git('init', '-q')
+    git('config', 'user.email', 't@example.com')
+    git('config', 'user.name', 't')
+    results = str(repo / 'results' / 't')
+    trained = []
+
+    def fake_train(config, cell_dir):
+        trained.append(os.path.basename(cell_dir))
+        write_run(os.path.dirname(cell_dir), grids.Cell('digits_resnet', config.optimizer,
+                                                        0.0, 0), 0.9)
+        return {'final_test_accuracy': 0.9}
+
+    cwd = os.getcwd()
+    os.chdir(repo)  # the commit goes to the repository the command runs in
+    try:
+        reproduce.run_grid(grid, str(tmp_path / 'run1'), train_fn=fake_train, diagnostics=False,
+                           log=lambda _: None, results_dir=results, git_commit=True)
+    finally:
+        os.chdir(cwd)
+    names = [c.name for c in grids.cells(grid)]
+    assert trained == names
+    assert git('log', '--format=%s').split('\n')[:2] == [f'results: t {n}' for n in names[::-1]]
+    assert set(git('ls-files').split()) == {
+        f'results/t/{n}/{f}' for n in names for f in ('summary.json', 'metrics.jsonl')}
+
+    def must_not_train(config, cell_dir):
+        raise AssertionError('a recorded cell was trained again')
+
+    fresh = str(tmp_path / 'fresh')
+    reproduce.run_grid(grid, fresh, train_fn=must_not_train, diagnostics=False,
+                       log=lambda _: None, results_dir=results)
+    runs = aggregate.collect(grid, fresh)
+    assert [r.completed for r in runs] == [True, True]

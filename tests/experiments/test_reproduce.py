@@ -216,11 +216,20 @@ def test_hand_made_summaries_give_the_expected_table(tmp_path):
                 'test_accuracy': 95.5,
                 'uncertainty': 0.2,
                 'note': 'a note',
-            }
+            },
+            {
+                'source': 'X 2020',
+                'table': 'Figure 1',
+                'grids': ['small'],
+                'compare_with': {'config': 'a_cfg', 'optimizer': 'sgd', 'label_noise': 0.0},
+                'test_accuracy': 92.0,
+                'metric': 'best_test_accuracy',  # seeds' best: 0.91 and 0.93
+            },
         ],
     }
     comparison = aggregate.paper_comparison(SMALL, runs, paper)
     assert '| a_cfg | vasso | 95.5 ± 0.2 | 96.00 ± 1.41 | +0.50 | X 2020, Table 9 |' in comparison
+    assert '| a_cfg | sgd | 92.0 | 92.00 ± 1.41 (best) | +0.00 | X 2020, Figure 1 |' in comparison
     assert 'X et al., 2020' in comparison and 'a note' in comparison
 
     paths = plots.grid_plots(SMALL, runs, workdir)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import vasso_jax.linen
 from experiments.runtime import errors, optimizers
 
 # Initialisation runs once, so on CPU XLA's backend optimisations only slow its compile
@@ -208,9 +209,10 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs,
                     diagnostics: Sequence[str] = (), ascent_group_size: int = 0) -> Callable:
     """Returns ``train_step(state, metrics, data, perm) -> (state, metrics)`` (not jitted).
 
-    Pass 1 (``value_and_grad`` at ``w``) gives the loss, accuracy and the new BatchNorm
-    statistics, which are kept. Pass 2 runs inside ``grad_fn`` at the perturbed weights, on
-    the same augmented batch; its BatchNorm updates are discarded (the SAM authors' policy).
+    Both passes come from ``vasso_jax.linen.value_and_grad``. Pass 1 (at ``w``) gives the
+    loss, accuracy and the new BatchNorm statistics, which are kept. Pass 2 runs inside
+    ``grad_fn`` at the perturbed weights, on the same augmented batch and dropout key; its
+    BatchNorm updates are discarded (the SAM authors' policy).
     Metrics are summed into ``metrics`` on device.
 
     Args:
@@ -228,16 +230,15 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs,
         (``optimizers.make_optimizer`` does it). Costs the same two passes as SAM; BatchNorm
         normalises per group.
     """
-    loss_fn = make_loss_fn(model, num_classes, label_smoothing)
+    # grad_fn, pass 2: the same batch, dropout key and pre-step BatchNorm statistics; its
+    # BatchNorm updates (in the discarded aux) are dropped.
+    both_passes = vasso_jax.linen.value_and_grad(
+        make_loss_fn(model, num_classes, label_smoothing), has_aux=True)
     extra_diagnostics = [d for d in diagnostics if d != 'grad_norm']
 
     def two_passes(params, batch_stats, opt_state, images, labels, dropout_key):
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (logits, new_stats)), grads, grad_fn = both_passes(
             params, batch_stats, images, labels, dropout_key)
-
-        def grad_fn(p):  # pass 2: same batch and dropout mask, BatchNorm updates dropped
-            return jax.grad(lambda q: loss_fn(q, batch_stats, images, labels, dropout_key)[0])(p)
-
         updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
         return updates, opt_state, loss, logits, new_stats, grads
 

@@ -11,7 +11,8 @@ leftover temporary folders are removed when the next run opens the folder. A com
 unreadable step (a truncated or corrupted file) is detected on restore:
 :func:`restore_latest` warns naming it, moves it to ``WORKDIR/checkpoints_unreadable/``
 (kept for inspection, and out of the way of the next save of that step) and resumes from the
-step before.
+step before. A step written before a library's ``NamedTuple`` state gained fields is migrated:
+the new fields take their initial values (see ``migration.py``).
 """
 
 import os
@@ -21,7 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from experiments.runtime import errors
+from experiments.runtime import errors, migration
 
 UNREADABLE_DIR = 'checkpoints_unreadable'
 
@@ -52,7 +53,9 @@ def restore_latest(manager: ocp.CheckpointManager, template):
     """The latest readable saved state, shaped like ``template``; ``template`` when none exists.
 
     A step that cannot be read is skipped with a warning naming it, moved aside (see the
-    module docstring) and the step before it is tried.
+    module docstring) and the step before it is tried. A step that lacks only fields added
+    since to a ``NamedTuple`` of the state is restored with those fields taken from
+    ``template`` (:func:`migration.restore_with_new_fields`, a one-line warning).
 
     Raises:
       CheckpointMismatchError: the saved states have another structure, shape or dtype, or
@@ -67,8 +70,10 @@ def restore_latest(manager: ocp.CheckpointManager, template):
         try:
             state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # orbax/tensorstore raise many types for a damaged step
-            unreadable.append((step, e))
-            continue
+            state = migration.restore_with_new_fields(manager, step, template, abstract)
+            if state is None:
+                unreadable.append((step, e))
+                continue
         for bad_step, error in unreadable:
             _set_aside(manager, bad_step, error, resumed_from=step)
         return state

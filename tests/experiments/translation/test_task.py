@@ -8,6 +8,7 @@ import pytest
 
 from experiments.configs import iwslt_de_en_transformer, translation_tiny
 from experiments.runtime import errors, optimizers
+from experiments.study import grids, reproduce
 from experiments.translation import task
 from tests.experiments.conftest import run_cli
 
@@ -28,7 +29,8 @@ def test_documented_cli_trains_decodes_and_writes_bleu_under_mock_data(tmp_path)
                       '--config.model_kwargs.decoder_layers=1',
                       '--config.max_source_positions=64', '--config.max_target_positions=64',
                       '--config.bucket_lengths=(64,)', '--config.bleu_examples=4',
-                      '--config.beam_size=2', '--config.progress_bar=False'],
+                      '--config.beam_size=2', '--config.eval_every_steps=2',
+                      '--config.progress_bar=False'],
                      mock_examples=24)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
@@ -39,7 +41,7 @@ def test_documented_cli_trains_decodes_and_writes_bleu_under_mock_data(tmp_path)
     assert (tmp_path / 'run' / 'spm.model').stat().st_size > 0
     assert 'BLEU' in (tmp_path / 'run' / 'samples.txt').read_text()
     records = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
-    assert [r['step'] for r in records if 'validation_bleu' in r] == [2]
+    assert [r['step'] for r in records if 'validation_bleu' in r] == [2]  # eval at the end
     assert records[0]['learning_rate'] == 0.0  # warm-up from 0, fairseq's
 
 
@@ -125,3 +127,15 @@ def test_bad_values_are_one_line_naming_the_key(overrides, message):
     with pytest.raises(errors.ConfigError, match=message.replace('.', r'\.')) as info:
         task.validate_config(config)
     assert '\n' not in str(info.value)
+
+
+def test_the_reproduce_grid_has_adamw_sam_vasso_by_seed_and_valid_configs():
+    grid = grids.get_grid('iwslt_de_en')
+    cells = grids.cells(grid)
+    assert [(c.optimizer, c.seed) for c in cells[:3]] == [('sgd', 0), ('sam', 0), ('vasso', 0)]
+    assert len(cells) == 9
+    for cell in cells[:3]:
+        config = grids.make_config(grid, cell, {'data_dir': '/data'})
+        assert grids.task_name(config) == 'translation' and 'label_noise' not in config
+        task.validate_config(config)  # sgd: no link, i.e. plain AdamW
+    assert reproduce.describe({'final_bleu': 27.123}) == 'BLEU 27.12'

@@ -1,6 +1,9 @@
 """Translation as the runtime's second task: the CLI under mock data, resume, config checks."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import optax
@@ -10,7 +13,7 @@ from experiments.configs import iwslt_de_en_transformer, translation_tiny
 from experiments.runtime import errors, optimizers
 from experiments.study import grids, reproduce
 from experiments.translation import task
-from tests.experiments.conftest import run_cli
+from tests.experiments.conftest import REPO, run_cli
 
 # ted_multi_translate's mock examples hold random language codes, never de and en; wmt14's
 # mock examples have 'de' and 'en' texts, so the tests train on those.
@@ -138,3 +141,14 @@ def test_the_reproduce_grid_has_adamw_sam_vasso_by_seed_and_valid_configs():
         assert grids.task_name(config) == 'translation' and 'label_noise' not in config
         task.validate_config(config)  # sgd: no link, i.e. plain AdamW
     assert reproduce.describe({'final_bleu': 27.123}) == 'BLEU 27.12'
+
+
+@pytest.mark.slow
+def test_a_step_on_8_devices_equals_the_step_on_1(tmp_path):
+    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+           'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
+    proc = subprocess.run([sys.executable, '-m', 'tests.experiments.translation.devices_check',
+                           str(tmp_path / 'vocab')], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'translation devices check passed' in proc.stdout

@@ -166,9 +166,14 @@ class TranslationRun:
         train_pairs = _load_split(config, 'train')
         eval_pairs = _load_split(config, config.eval_split)
         lang = f'{config.dataset}_{config.source_lang}-{config.target_lang}'
-        self.tokenizer = tokenizer_lib.load_or_train(
-            vocab_dir(config), f'{lang}_{_corpus_digest(train_pairs)}', config.vocab_size,
-            lambda: data.texts(train_pairs), seed=config.seed)
+        try:  # seed 0: every run of a corpus gets the same vocabulary
+            self.tokenizer = tokenizer_lib.load_or_train(
+                vocab_dir(config), f'{lang}_{_corpus_digest(train_pairs)}', config.vocab_size,
+                lambda: data.texts(train_pairs))
+        except OSError as e:
+            raise errors.BadInputError(
+                f'Cannot cache the vocabulary in {vocab_dir(config)} ({e.strerror}); set '
+                '--config.vocab_dir to a folder you can write to.') from e
         self.train = self._corpus(train_pairs, config.batch_size, 'batch_size')
         self.eval = self._corpus(eval_pairs, config.eval_batch_size, 'eval_batch_size')
         logging.info('%d training pairs (%d kept), %d %s pairs, vocabulary of %d pieces.',

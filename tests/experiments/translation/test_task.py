@@ -152,3 +152,18 @@ def test_a_step_on_8_devices_equals_the_step_on_1(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'translation devices check passed' in proc.stdout
+
+
+def test_an_unwritable_vocabulary_folder_is_one_line(mock_tfds, tmp_path):
+    (tmp_path / 'file').write_text('not a folder')
+    config = _wmt14_config()
+    config.vocab_dir = str(tmp_path / 'file' / 'vocab')
+    with pytest.raises(errors.BadInputError, match='--config.vocab_dir') as info:
+        task.TASK.load(config, mesh=None, num_shards=1)
+    assert '\n' not in str(info.value)
+
+
+def _wmt14_config():
+    config = translation_tiny.get_config()
+    config.dataset = 'wmt14_translate/de-en'
+    return config

@@ -49,8 +49,7 @@ def test_documented_cli_trains_decodes_and_writes_bleu_under_mock_data(tmp_path)
 
 @pytest.mark.slow
 def test_stop_and_resume_is_bitwise_equal_to_a_straight_run(mock_tfds, tmp_path):
-    config = translation_tiny.get_config()
-    config.dataset = 'wmt14_translate/de-en'
+    config = _wmt14_config()
     config.vocab_dir = str(tmp_path / 'vocab')
     config.num_train_steps = 3
     config.eval_every_steps = 100  # evaluate at the end only

@@ -90,6 +90,12 @@ def check_runtime(config: ml_collections.ConfigDict) -> None:
     if not 0 <= low <= lr:
         fail('min_learning_rate', f'must be in [0, learning_rate={lr}], got {low}.')
     at_least(config, 'warmup_epochs', 0)
+    if 'warmup_steps' in config:
+        at_least(config, 'warmup_steps', 0, ' (0: --config.warmup_epochs decides)', integer=True)
+    if (config.lr_schedule == 'inverse_sqrt' and config.get('warmup_steps', 0) <= 0
+            and config.warmup_epochs <= 0):
+        fail('lr_schedule', "='inverse_sqrt' needs a warm-up: set --config.warmup_steps "
+                            '(fairseq: 4000) or --config.warmup_epochs.')
     for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps',
                 'keep_checkpoints'):
         at_least(config, key, 1, integer=True)

@@ -21,13 +21,14 @@ Weight decay comes after the link, so it is not part of the ascent.
 import inspect
 import re
 
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 import vasso_jax
 from experiments.runtime import errors
 
-LR_SCHEDULES = ('cosine', 'constant')
+LR_SCHEDULES = ('cosine', 'constant', 'inverse_sqrt')
 # The vmap axis over example groups of m-sharpness (config.ascent_group_size > 0).
 GROUP_AXIS = 'ascent_group'
 # Scalars the sharpness-aware link keeps in its state (read with optax.tree.get).
@@ -164,14 +165,43 @@ def make_optimizer(config: ml_collections.ConfigDict,
                        *make_base_optimizer(config, schedule))
 
 
+def warmup_steps(config: ml_collections.ConfigDict, epoch_steps: int) -> int:
+    """Steps of linear warm-up: ``warmup_steps`` when > 0, else ``warmup_epochs`` epochs."""
+    steps = int(config.get('warmup_steps', 0) or 0)
+    return steps if steps > 0 else int(config.warmup_epochs * epoch_steps)
+
+
+def inverse_sqrt_schedule(peak_lr: float, warmup: int) -> optax.Schedule:
+    r"""fairseq's ``inverse_sqrt`` after its warm-up: ``peak_lr * sqrt(warmup / t)``.
+
+    Counted from the end of the warm-up (as ``optax.join_schedules`` counts): at count
+    ``c`` the update number is ``t = warmup + c``, so the rate is ``peak_lr`` when the
+    warm-up ends and halves by ``t = 4 * warmup``.
+
+    Examples:
+      >>> float(inverse_sqrt_schedule(1.0, 100)(300))
+      0.5
+    """
+    if warmup < 1:
+        raise ValueError(f'warmup={warmup} must be >= 1 for the inverse-sqrt decay.')
+
+    def schedule(count):
+        return peak_lr * jnp.sqrt(warmup / (jnp.asarray(count, jnp.float32) + warmup))
+
+    return schedule
+
+
 def make_schedule(config: ml_collections.ConfigDict, num_steps: int,
                   epoch_steps: int) -> optax.Schedule:
-    """Learning rate per step: optional linear warm-up, then cosine to ``min_learning_rate``
-    (or constant)."""
+    """Learning rate per step: optional linear warm-up from 0, then cosine to
+    ``min_learning_rate``, constant, or ``inverse_sqrt`` (``lr * sqrt(warmup / t)``,
+    fairseq's, which needs a warm-up)."""
     lr = config.learning_rate
-    warmup = int(config.warmup_epochs * epoch_steps)
+    warmup = warmup_steps(config, epoch_steps)
     if config.lr_schedule == 'constant':
         main = optax.constant_schedule(lr)
+    elif config.lr_schedule == 'inverse_sqrt':
+        main = inverse_sqrt_schedule(lr, warmup)
     else:
         main = optax.cosine_decay_schedule(
             lr, max(num_steps - warmup, 1), alpha=config.min_learning_rate / lr if lr else 0.0)

@@ -56,6 +56,11 @@ ACCURACY_TABLES = (
     Metric('final_test_accuracy', 'Final test accuracy (%)', 100.0, '.2f'),
     Metric('best_test_accuracy', 'Best test accuracy during training (%)', 100.0, '.2f'),
 )
+BLEU_TABLES = (
+    Metric('final_bleu', 'Final BLEU (sacrebleu, detokenised)', 1.0, '.2f'),
+    Metric('best_bleu', 'Best BLEU during training', 1.0, '.2f'),
+    Metric('final_eval_perplexity', 'Final validation perplexity', 1.0, '.2f'),
+)
 NOISE_TABLES = (
     Metric(
         'final_train_eval_accuracy',
@@ -231,7 +236,7 @@ def report(
         '',
         f'{done}/{len(runs)} runs completed; mean ± std over seeds {list(grid.seeds)}.',
     ]
-    metric_lists: list[Sequence[Metric]] = [ACCURACY_TABLES]
+    metric_lists: list[Sequence[Metric]] = [ACCURACY_TABLES, BLEU_TABLES]  # empty ones drop
     if any(grid.label_noise) or 'dataset' in grid.overrides:
         metric_lists.append(NOISE_TABLES)
     metric_lists += [DIAGNOSTIC_TABLES, STABILITY_TABLES]

@@ -14,6 +14,10 @@ Grids:
     about 40% wrong) in place of synthetic noise.
   ``digits``: the offline study: 8x8 digits, noise 0/20/40/60%, SGD/SAM/VaSSO, 3 seeds,
     minutes on a CPU.
+  ``iwslt_de_en``: the translation task (``experiments/translation``): Transformer on TED
+    talks De->En, AdamW / SAM / VaSSO before AdamW, 3 seeds, scored by BLEU (GPU).
+
+A cell trains the task its config names (``config.task``, default image classification).
 
 ``digits`` takes about 30 minutes on two CPU cores; the CIFAR grids are for GPUs (54, 36 and 9
 runs of 200 epochs) and are meant to be split with ``--shard``.
@@ -31,6 +35,7 @@ from experiments.runtime import errors
 
 # The optimisers the study compares (the demo's too).
 OPTIMIZERS = ('sgd', 'sam', 'vasso')
+DEFAULT_TASK = 'image_classification'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +199,14 @@ GRIDS: dict[str, Grid] = {
             overrides=_LOG_STABILITY,
             optimizer_overrides=_FMNIST_SWEEP,
         ),
+        Grid(
+            name='iwslt_de_en',
+            description='TED talks De->En (ted_multi_translate), Transformer (fairseq '
+            'transformer_iwslt_de_en), AdamW / SAM+AdamW / VaSSO+AdamW, 3 seeds, BLEU (GPU).',
+            configs=('iwslt_de_en_transformer',),
+            # 'sgd' names no sharpness-aware link: plain AdamW, the config's base optimiser.
+            overrides={'progress_bar': False},
+        ),
     )
 }
 
@@ -271,6 +284,11 @@ def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
         raise errors.ConfigError(f'{key}={value!r} has the wrong type ({e}).') from None
 
 
+def task_name(config: ml_collections.ConfigDict) -> str:
+    """The task a cell's config trains (``config.task``)."""
+    return config.get('task', DEFAULT_TASK)
+
+
 def make_config(
     grid: Grid, cell: Cell, overrides: Mapping[str, Any] | None = None
 ) -> ml_collections.ConfigDict:
@@ -283,16 +301,15 @@ def make_config(
     config = importlib.import_module(f'experiments.configs.{cell.config}').get_config()
     if 'log_stability' not in config:  # read by the trainer; off unless a grid turns it on
         config.log_stability = False
+    own = {'seed': cell.seed}
+    if 'label_noise' in config or cell.label_noise:  # a task without label noise has no keys
+        own.update(label_noise=cell.label_noise, noise_seed=cell.seed)
     layers = (
         {'optimizer': cell.optimizer},  # before its overrides: a sweep's names map to one
         grid.overrides,
         grid.config_overrides.get(cell.config, {}),
         grid.optimizer_overrides.get(cell.optimizer, {}),
-        {
-            'seed': cell.seed,
-            'label_noise': cell.label_noise,
-            'noise_seed': cell.seed,
-        },
+        own,
         overrides or {},
     )
     for layer in layers:

@@ -8,14 +8,14 @@ Usage:
   python -m experiments.reproduce --grid digits --list
 
 Grids (``experiments/study/grids.py``): ``paper_cifar``, ``label_noise``,
-``label_noise_cifar10n``, ``digits``. Each cell trains in
-``WORKDIR/<config>-<optimizer>-noise<pct>-seed<seed>`` through
-``experiments.image_classification.task.train_and_evaluate``. A cell whose ``summary.json``
-says ``completed`` is skipped; an interrupted one resumes from its last checkpoint. So
-re-running the same command continues a grid, and ``--shard i/n`` splits it over processes or
-machines sharing WORKDIR (cells ``i, i+n, ...``). After training, each finished cell gets
-``diagnostics.json`` (top Hessian eigenvalue, m-sharpness), and the grid's tables and plots
-are written to
+``label_noise_cifar10n``, ``digits``, ``iwslt_de_en``. Each cell trains in
+``WORKDIR/<config>-<optimizer>-noise<pct>-seed<seed>`` through its task's
+``train_and_evaluate`` (``experiments.<config.task>.task``, image classification by
+default). A cell whose ``summary.json`` says ``completed`` is skipped; an interrupted one
+resumes from its last checkpoint. So re-running the same command continues a grid, and
+``--shard i/n`` splits it over processes or machines sharing WORKDIR (cells ``i, i+n, ...``).
+After training, each finished cell of a grid with diagnostics gets ``diagnostics.json`` (top
+Hessian eigenvalue, m-sharpness), and the grid's tables and plots are written to
 ``WORKDIR/results.md`` and ``WORKDIR/*.png``, with the published numbers of
 ``experiments/study/paper_results.json`` next to ours.
 
@@ -24,6 +24,7 @@ A grid that takes longer than a machine lives: ``--results_dir experiments/study
 the same command on a fresh clone restores them and carries on with the rest.
 """
 
+import importlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,6 @@ from collections.abc import Callable, Sequence
 import jax
 from absl import app, flags, logging
 
-from experiments.image_classification import task
 from experiments.runtime import cli, errors, files
 from experiments.study import aggregate, diagnose, grids, plots, records
 
@@ -67,13 +67,28 @@ def is_finished(cell_dir: str) -> bool:
     return bool(summary and summary.get('completed'))
 
 
+def train(config, workdir: str) -> dict:
+    """Trains ``config`` with its task (``experiments.<config.task>.task``)."""
+    module = importlib.import_module(f'experiments.{grids.task_name(config)}.task')
+    return module.train_and_evaluate(config, workdir)
+
+
+def describe(summary: dict) -> str:
+    """The headline of a finished run: test accuracy, or BLEU for translation."""
+    if summary.get('final_test_accuracy') is not None:
+        return f'test acc {100 * summary["final_test_accuracy"]:.2f}%'
+    if summary.get('final_bleu') is not None:
+        return f'BLEU {summary["final_bleu"]:.2f}'
+    return 'no evaluation'
+
+
 def run_cell(
     grid: grids.Grid,
     cell: grids.Cell,
     workdir: str,
     *,
     overrides=None,
-    train_fn: Callable = task.train_and_evaluate,
+    train_fn: Callable = train,
     diagnostics: bool = True,
     log: Callable = print,
     results_dir: str = '',
@@ -88,10 +103,7 @@ def run_cell(
     else:
         start = time.time()
         summary = train_fn(config, cell_dir)
-        done = (
-            f'trained: test acc {100 * summary["final_test_accuracy"]:.2f}% in '
-            f'{time.time() - start:.0f} s'
-        )
+        done = f'trained: {describe(summary)} in {time.time() - start:.0f} s'
     if diagnostics and grid.diagnostics and diagnose.read(cell_dir) is None:
         result = diagnose.diagnose(config, cell_dir, grid.diagnostics)
         done += (
@@ -112,7 +124,7 @@ def run_grid(
     *,
     shard: tuple[int, int] = (0, 1),
     overrides=None,
-    train_fn: Callable = task.train_and_evaluate,
+    train_fn: Callable = train,
     diagnostics: bool = True,
     log: Callable = print,
     results_dir: str = '',

@@ -9,5 +9,6 @@ The task-independent core, as small pure pieces a runtime task calls:
 - `steps`: the optimizer (a SAM / VaSSO link before AdamW), train and eval steps;
 - `decode`: greedy and beam search, and `translate` for a whole corpus;
 - `bleu`: detokenised corpus BLEU and sample translations;
-- `bench`: the step time of AdamW, SAM and VaSSO.
+- `task`: the runtime's second task (`TASK`), behind `python -m experiments.train`.
+(`experiments/benchmarks/translation.py` times the step of AdamW, SAM and VaSSO.)
 """

@@ -29,14 +29,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from experiments.image_classification.data import cifar
+from experiments.runtime import tfds_source
 from experiments.translation import tokenizer as tokenizer_lib
 
 DATASETS = ('ted_multi_translate', 'wmt14_translate/de-en')
 # Missing translations in ted_multi_translate (the talk was not translated to a language).
 _MISSING = ('__NULL__', '_ _ NULL _ _')
-# Records per batched read (see experiments.image_classification.data.cifar).
-_CHUNK = 2048
 
 
 def _text(value) -> str:
@@ -81,24 +79,23 @@ def load_pairs(
       The pairs in the split's order; ted examples lacking either language are skipped.
 
     Raises:
-      cifar.DatasetNotFoundError: the dataset is not prepared as ArrayRecord under
-        ``data_dir``; its message names ``--config.data_dir``.
+      experiments.runtime.tfds_source.DatasetNotFoundError: the dataset is not prepared as
+        ArrayRecord under ``data_dir``; its message names ``--config.data_dir``.
     """
     if name not in DATASETS:
         raise ValueError(f'Unknown translation dataset {name!r}; choose one of {DATASETS}.')
     if name.startswith('wmt14'):
         # Registers the wmt14 builders; importing it needs no TensorFlow.
         from tensorflow_datasets.translate import wmt14  # noqa: F401
-    source = cifar.open_split(name, split, data_dir)
+    source = tfds_source.open_split(name, split, data_dir)
     pairs = []
-    for start in range(0, len(source), _CHUNK):
-        for example in source.__getitems__(list(range(start, min(start + _CHUNK, len(source))))):
-            if name == 'ted_multi_translate':
-                pair = ted_pair(example, src, tgt)
-            else:
-                pair = _text(example[src]), _text(example[tgt])
-            if pair is not None:
-                pairs.append(pair)
+    for example in tfds_source.read_examples(source, range(len(source))):
+        if name == 'ted_multi_translate':
+            pair = ted_pair(example, src, tgt)
+        else:
+            pair = _text(example[src]), _text(example[tgt])
+        if pair is not None:
+            pairs.append(pair)
     return pairs
 
 
@@ -187,7 +184,8 @@ def _epoch_batches(plan: Plan, seed: int, epoch: int) -> list:
 
 
 def make_plan(
-    src: Sequence[np.ndarray], tgt: Sequence[np.ndarray], *, max_tokens: int, buckets=None
+    src: Sequence[np.ndarray], tgt: Sequence[np.ndarray], *, max_tokens: int, buckets=None,
+    row_multiple: int = 1,
 ) -> Plan:
     """Groups the examples by bucket length, with ``max_tokens // length`` rows per batch.
 
@@ -196,6 +194,8 @@ def make_plan(
       max_tokens: the token budget of a batch (fairseq's ``--max-tokens``): rows x padded
         length never exceed it.
       buckets: ascending padded lengths; default `bucket_lengths` of the longest example.
+      row_multiple: each bucket's rows are rounded down to a multiple of this (the number of
+        data shards, so that a batch splits evenly over the devices).
 
     Returns:
       The `Plan`; buckets that receive no example are left out.
@@ -210,16 +210,17 @@ def make_plan(
             f'An example has {need.max()} tokens, more than the largest bucket {buckets[-1]};'
             ' filter by length first (filter_by_length).'
         )
-    if max_tokens < buckets[-1]:
+    if max_tokens < buckets[-1] * row_multiple:
         raise ValueError(f'max_tokens={max_tokens} must be at least the largest bucket length'
-                         f' {buckets[-1]}; raise max_tokens or lower the length limits.')
+                         f' {buckets[-1]} times {row_multiple} rows; raise max_tokens or lower'
+                         ' the length limits.')
     which = np.searchsorted(buckets, need)
     kept = [(int(b), np.flatnonzero(which == k)) for k, b in enumerate(buckets)]
     kept = [(b, m) for b, m in kept if len(m)]
     return Plan(
         buckets=tuple(b for b, _ in kept),
         members=tuple(m for _, m in kept),
-        rows=tuple(max_tokens // b for b, _ in kept),
+        rows=tuple(max_tokens // b // row_multiple * row_multiple for b, _ in kept),
     )
 
 

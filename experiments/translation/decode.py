@@ -130,27 +130,32 @@ def beam_search(graphdef, params, rest, src, *, max_len: int, beam_size: int = 5
 
 
 def translate(graphdef, params, rest, src, *, max_tokens: int, beam_size: int = 5,
-              length_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10):
+              length_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10,
+              row_multiple: int = 1, buckets=None, put=jnp.asarray, fetch=jax.device_get):
     """Translates every source sentence ``src`` (a list of id arrays ending in EOS).
 
     The sentences are bucketed by length as in training (`data.make_plan`) and each bucket
     of padded length L decodes up to ``int(max_len_a * L) + max_len_b`` tokens, so the
-    search compiles once per bucket. ``beam_size=1`` decodes greedily.
+    search compiles once per bucket. ``beam_size=1`` decodes greedily. ``put`` places a
+    batch of source ids (e.g. sharded over the devices, with ``row_multiple`` the device
+    count; ``buckets`` as for `data.make_plan`) and ``fetch`` brings the output tokens back
+    to the host.
 
     Returns:
       The output ids of each sentence, in the order of ``src``: int32 arrays ending in EOS.
     """
-    plan = data.make_plan(src, src, max_tokens=max_tokens)
+    plan = data.make_plan(src, src, max_tokens=max_tokens, row_multiple=row_multiple,
+                          buckets=buckets)
     outputs = [None] * len(src)
     for indices, length in plan.ordered_batches():
-        batch = jnp.asarray(data.make_batch(src, src, indices, length)['src'])
+        batch = put(data.make_batch(src, src, indices, length)['src'])
         max_len = int(max_len_a * length) + max_len_b
         if beam_size == 1:
             tokens = greedy_search(graphdef, params, rest, batch, max_len=max_len)
         else:
             tokens, _ = beam_search(graphdef, params, rest, batch, max_len=max_len,
                                     beam_size=beam_size, length_penalty=length_penalty)
-        for i, row in zip(indices, jax.device_get(tokens)):
+        for i, row in zip(indices, fetch(tokens)):
             if i >= 0:
                 outputs[i] = row[:list(row).index(EOS) + 1]
     return outputs

@@ -110,7 +110,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, smoothing: fl
 
     Not jitted (the caller jits, donating params and opt_state). ``batch`` is a
     `data.make_batch` dict; ``key`` the step's dropout key (see `dropout_key`). ``metrics``
-    holds ``loss`` (mean per token) and the sums ``loss_sum``, ``nll_sum``, ``tokens``.
+    holds ``loss`` (mean per token), the sums ``loss_sum``, ``nll_sum``, ``tokens`` and
+    ``grad_norm``, the norm of the first pass's gradient.
     """
 
     def train_step(params, rest, opt_state, batch, key):
@@ -119,7 +120,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, smoothing: fl
         (value, sums), grads, grad_fn = value_grads_and_grad_fn(loss, params)
         updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
         params = optax.apply_updates(params, updates)
-        metrics = dict(loss=value, loss_sum=sums[0], nll_sum=sums[1], tokens=sums[2])
+        metrics = dict(loss=value, loss_sum=sums[0], nll_sum=sums[1], tokens=sums[2],
+                       grad_norm=optax.tree.norm(grads))
         return params, opt_state, metrics
 
     return train_step

@@ -27,6 +27,7 @@ class Tokenizer:
     """Encodes text to int32 ids ending in EOS, and decodes ids (up to EOS) back to text."""
 
     def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto  # the serialized SentencePiece model
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
 
     @property

@@ -14,6 +14,7 @@ from tensorflow_datasets.core import splits as splits_lib
 
 from experiments.image_classification import data
 from experiments.image_classification.data import augment, cifar, digits, noise
+from experiments.runtime import tfds_source
 from tests.experiments.conftest import NUM_MOCK
 
 MEAN = np.array([0.3, 0.4, 0.5], np.float32)  # x / 255 never equals these: no zero pixel
@@ -116,7 +117,7 @@ def test_mocked_cifar10_label_noise(mock_tfds, tmp_path):
 
 def test_real_array_record_dataset(prepared_cifar10, monkeypatch):
     data_dir, written = prepared_cifar10
-    monkeypatch.setattr(cifar, '_CHUNK', 5)  # several batched reads, one of them partial
+    monkeypatch.setattr(tfds_source, 'CHUNK', 5)  # several batched reads, one of them partial
     ds = data.load_dataset('cifar10', data_dir=data_dir)
     np.testing.assert_array_equal(ds.train_images, written['train'][0])
     np.testing.assert_array_equal(ds.train_labels, written['train'][1])
@@ -128,7 +129,7 @@ def test_real_array_record_dataset(prepared_cifar10, monkeypatch):
 
 def test_open_dataset_reads_only_the_rows_asked_for(prepared_cifar10, monkeypatch):
     data_dir, written = prepared_cifar10
-    opened = cifar.open_split
+    opened = tfds_source.open_split
     asked = []
 
     class Recording:  # the real ArrayRecord source, with every record key it is asked for
@@ -142,8 +143,9 @@ def test_open_dataset_reads_only_the_rows_asked_for(prepared_cifar10, monkeypatc
             asked.extend(keys)
             return self.source.__getitems__(keys)
 
-    monkeypatch.setattr(cifar, 'open_split', lambda *args: Recording(opened(*args)))
-    monkeypatch.setattr(cifar, '_CHUNK', 2)
+    monkeypatch.setattr(tfds_source, 'open_split',
+                        lambda *args, **kwargs: Recording(opened(*args, **kwargs)))
+    monkeypatch.setattr(tfds_source, 'CHUNK', 2)
     source = data.open_dataset('cifar10', data_dir=data_dir, validation_size=4)
     assert asked == []  # opening reads nothing
     num_train = len(written['train'][1]) - 4

@@ -7,7 +7,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPERIMENTS = os.path.join(REPO, 'experiments')
-TASKS = ('image_classification',)
+TASKS = ('image_classification', 'translation')
 STUDY = ('study', 'benchmarks')
 
 
@@ -58,6 +58,15 @@ def test_imports_flow_one_way(layer, folders):
             for module in imported_modules(path):
                 if layer_of(module) in FORBIDDEN[layer]:
                     wrong.append(f'{os.path.relpath(path, REPO)} imports {module}')
+    assert not wrong, '\n'.join(wrong)
+
+
+@pytest.mark.parametrize('task', TASKS)
+def test_a_task_imports_no_other_task(task):
+    others = {f'experiments.{t}' for t in TASKS if t != task}
+    wrong = [f'{os.path.relpath(path, REPO)} imports {module}'
+             for path in sources(task) for module in imported_modules(path)
+             if '.'.join(module.split('.')[:2]) in others]
     assert not wrong, '\n'.join(wrong)
 
 

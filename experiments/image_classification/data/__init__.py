@@ -15,12 +15,12 @@ from collections.abc import Callable
 import numpy as np
 
 from experiments.image_classification.data import cifar, digits, fashion_mnist, noise
-from experiments.runtime import imports
+from experiments.runtime import imports, tfds_source
 
 DATASETS = ('cifar10', 'cifar100', 'cifar10_n', 'digits', 'fashion_mnist')
 NOISE_TYPES = ('symmetric', 'asymmetric')
 # Raised by `load_dataset` for a TFDS dataset that is not prepared under `data_dir`.
-DatasetNotFoundError = cifar.DatasetNotFoundError
+DatasetNotFoundError = tfds_source.DatasetNotFoundError
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

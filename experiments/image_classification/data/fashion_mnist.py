@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from experiments.image_classification.data import cifar
+from experiments.runtime import tfds_source
 
 NUM_CLASSES = 10
 CLASS_NAMES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
@@ -96,12 +96,12 @@ def _read_split(folder: str, split: str) -> dict[str, np.ndarray]:
 
 def _read_tfds(data_dir) -> tuple[dict, dict] | None:
     try:
-        sources = [cifar.open_split('fashion_mnist', s, data_dir) for s in ('train', 'test')]
-    except cifar.DatasetNotFoundError:
+        sources = [tfds_source.open_split('fashion_mnist', s, data_dir) for s in ('train', 'test')]
+    except tfds_source.DatasetNotFoundError:
         return None
 
     def read(source):
-        columns = cifar.read_rows(source, np.arange(len(source)), ('image', 'label'))
+        columns = tfds_source.read_rows(source, np.arange(len(source)), ('image', 'label'))
         return {'image': columns['image'].astype(np.uint8),
                 'label': columns['label'].astype(np.int32)}
 
@@ -132,7 +132,7 @@ def load_fashion_mnist(
       10,000 test examples for the real data.
 
     Raises:
-      cifar.DatasetNotFoundError: neither route has the data; the message names both.
+      tfds_source.DatasetNotFoundError: neither route has the data; the message names both.
     """
     folder = idx_folder(data_dir)
     if folder is not None:
@@ -141,4 +141,4 @@ def load_fashion_mnist(
         splits = _read_tfds(data_dir)
         if splits is not None:
             return splits[0], splits[1], NUM_CLASSES
-    raise cifar.DatasetNotFoundError(not_found_message(data_dir))
+    raise tfds_source.DatasetNotFoundError(not_found_message(data_dir))

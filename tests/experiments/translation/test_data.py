@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments.image_classification.data import cifar
+from experiments.runtime import tfds_source
 from experiments.translation import data
 from experiments.translation import tokenizer as tokenizer_lib
 from tests.experiments.conftest import NUM_MOCK
@@ -140,7 +140,7 @@ class _ListSource(list):
 
 
 def test_unprepared_dataset_is_a_one_line_error_naming_data_dir(tmp_path):
-    with pytest.raises(cifar.DatasetNotFoundError, match='--config.data_dir') as info:
+    with pytest.raises(tfds_source.DatasetNotFoundError, match='--config.data_dir') as info:
         data.load_pairs('ted_multi_translate', 'train', data_dir=tmp_path)
     assert '\n' not in str(info.value) and 'ted_multi_translate' in str(info.value)
     with pytest.raises(ValueError, match='choose one of'):

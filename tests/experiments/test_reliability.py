@@ -305,18 +305,19 @@ BAD_CONFIGS = [
         'optimizer_kwargs',
         {'optimizer': 'friendly_sam', 'optimizer_kwargs': {'sigmaa': 1.0}},
         '--config.optimizer_kwargs.sigmaa is not an argument of vasso_jax.friendly_sam; valid: '
-        'sigma, lmbda, eps.',
+        'sigma, lmbda, eps, perturbed_dtype.',
     ),
     (
         'dataset',
         {'dataset': 'mnist'},
-        "--config.dataset='mnist' is not one of cifar10, cifar100, cifar10_n, digits.",
+        "--config.dataset='mnist' is not one of cifar10, cifar100, cifar10_n, digits, "
+        'fashion_mnist.',
     ),
     (
         'model',
         {'model': 'vgg16'},
-        "--config.model='vgg16' is not one of resnet18, resnet34, wrn, wrn28_10, wrn16_4, "
-        'pyramidnet, pyramidnet110, pyramidnet272.',
+        "--config.model='vgg16' is not one of cnn, resnet18, resnet34, wrn, wrn28_10, "
+        'wrn16_4, pyramidnet, pyramidnet110, pyramidnet272.',
     ),
     # The library's own checks are the validation; the message names the flag.
     (

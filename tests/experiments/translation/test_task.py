@@ -2,8 +2,11 @@
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import optax
@@ -13,7 +16,7 @@ from experiments.configs import iwslt_de_en_transformer, translation_tiny
 from experiments.runtime import errors, optimizers
 from experiments.study import grids, reproduce
 from experiments.translation import task
-from tests.experiments.conftest import REPO, run_cli
+from tests.experiments.conftest import REPO, cli_command, cli_env, run_cli
 
 # ted_multi_translate's mock examples hold random language codes, never de and en; wmt14's
 # mock examples have 'de' and 'en' texts, so the tests train on those.
@@ -48,20 +51,41 @@ def test_documented_cli_trains_decodes_and_writes_bleu_under_mock_data(tmp_path)
 
 
 @pytest.mark.slow
-def test_stop_and_resume_is_bitwise_equal_to_a_straight_run(mock_tfds, tmp_path):
-    config = _wmt14_config()
-    config.vocab_dir = str(tmp_path / 'vocab')
-    config.num_train_steps = 3
-    config.eval_every_steps = 100  # evaluate at the end only
-    config.checkpoint_every_steps = 100
-    config.bleu_examples = 2
-    straight = task.train_and_evaluate(config, str(tmp_path / 'straight'))
-    half = task.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=1)
-    assert half['steps'] == 1 and not half['completed']
-    resumed = task.train_and_evaluate(config, str(tmp_path / 'resumed'))
-    assert resumed['steps'] == 3 and resumed['completed']
-    assert resumed['params_checksum'] == straight['params_checksum']
-    assert resumed['final_bleu'] == straight['final_bleu']
+def test_kill_9_then_rerun_is_bitwise_equal_to_a_straight_run(tmp_path):
+    # The tiny config under mock data, checkpointing every step; the victim is killed with
+    # SIGKILL at a random moment after its second checkpoint, then the same command resumes.
+    args = lambda workdir: [
+        '--config', 'experiments/configs/translation_tiny.py', '--workdir', str(workdir), *MOCK,
+        f'--config.vocab_dir={tmp_path / "vocab"}', '--config.num_train_steps=6',
+        '--config.checkpoint_every_steps=1', '--config.keep_checkpoints=3',
+        '--config.eval_every_steps=100', '--config.bleu_examples=2']
+    straight = run_cli(args(tmp_path / 'straight'), mock_examples=24)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    workdir = tmp_path / 'victim'
+    with open(tmp_path / 'victim.err', 'w') as err:
+        victim = subprocess.Popen(cli_command(args(workdir), mock_examples=24), cwd=REPO,
+                                  env=cli_env(), stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 600
+        while not (workdir / 'checkpoints' / '2').exists():
+            assert victim.poll() is None, (tmp_path / 'victim.err').read_text()[-3000:]
+            assert time.monotonic() < deadline, 'no checkpoint at step 2 within 600 s'
+            time.sleep(0.02)
+        time.sleep(random.uniform(0.0, 0.3))
+        assert victim.poll() is None, 'the run ended before the kill'
+        victim.send_signal(signal.SIGKILL)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+        victim.wait(timeout=600)
+    assert victim.returncode == -signal.SIGKILL
+    resumed = run_cli(args(workdir), mock_examples=24)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ours = json.loads((workdir / 'summary.json').read_text())
+    reference = json.loads((tmp_path / 'straight' / 'summary.json').read_text())
+    assert ours['steps'] == 6 and ours['completed']
+    assert ours['params_checksum'] == reference['params_checksum']
+    assert ours['final_bleu'] == reference['final_bleu']
 
 
 def test_offline_is_one_line_naming_data_dir_and_exit_2(tmp_path):

@@ -205,7 +205,8 @@ def get_batch(step, perm, data: Split, *, batch_size: int, epoch_steps: int):
 def make_train_step(model, tx: optax.GradientTransformationExtraArgs,
                     augment_fn: Callable, *, num_classes: int, batch_size: int,
                     epoch_steps: int, label_smoothing: float = 0.0,
-                    diagnostics: Sequence[str] = (), ascent_group_size: int = 0) -> Callable:
+                    diagnostics: Sequence[str] = (), ascent_group_size: int = 0,
+                    one_pass: bool = False) -> Callable:
     """Returns ``train_step(state, metrics, data, perm) -> (state, metrics)`` (not jitted).
 
     Pass 1 (``value_and_grad`` at ``w``) gives the loss, accuracy and the new BatchNorm
@@ -227,6 +228,9 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs,
         built with ``axis_name=optimizers.GROUP_AXIS, ascent='per_device'``
         (``optimizers.make_optimizer`` does it). Costs the same two passes as SAM; BatchNorm
         normalises per group.
+      one_pass: ``tx`` is a one-pass link (``vasso_jax.one_pass_vasso``, ...): pass 1 is the
+        step's only gradient, taken at the held (perturbed) params, and ``tx.update`` gets no
+        ``grad_fn``.
     """
     loss_fn = make_loss_fn(model, num_classes, label_smoothing)
     extra_diagnostics = [d for d in diagnostics if d != 'grad_norm']
@@ -238,7 +242,10 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs,
         def grad_fn(p):  # pass 2: same batch and dropout mask, BatchNorm updates dropped
             return jax.grad(lambda q: loss_fn(q, batch_stats, images, labels, dropout_key)[0])(p)
 
-        updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+        if one_pass:  # the one gradient, at the held (perturbed) params
+            updates, opt_state = tx.update(grads, opt_state, params)
+        else:
+            updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
         return updates, opt_state, loss, logits, new_stats, grads
 
     def grouped_passes(params, batch_stats, opt_state, images, labels, dropout_key):

@@ -15,6 +15,10 @@ Grids:
   ``digits``: the offline study: 8x8 digits, noise 0/20/40/60%, SGD/SAM/VaSSO, 3 seeds,
     minutes on a CPU.
 
+  ``digits_cost``: the demo's recipe (digits, 40 epochs) for the cost-saving variants: SGD,
+    SAM, VaSSO, VaSSO with ``every_k = 5`` (host dispatch), one-pass VaSSO and one-pass
+    Momentum-SAM; noise 0/40%, 3 seeds.
+
 ``digits`` takes about 30 minutes on two CPU cores; the CIFAR grids are for GPUs (54, 36 and 9
 runs of 200 epochs) and are meant to be split with ``--shard``.
 """
@@ -66,6 +70,9 @@ class Grid:
       overrides: fields set in every cell (dotted keys reach nested fields).
       optimizer_overrides: fields set per optimiser, e.g. SGD's own weight decay.
       config_overrides: fields set per config module.
+      variants: labels in ``optimizers`` that are not ``config.optimizer`` values, each with
+        the fields it sets (its ``optimizer`` among them), e.g. ``{'vasso_k5': {'optimizer':
+        'vasso', 'every_k': 5}}``; applied after the cell's own values.
       diagnostics: final-model diagnostics to compute per cell, or None.
     """
 
@@ -78,6 +85,7 @@ class Grid:
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     optimizer_overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     config_overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    variants: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     diagnostics: Diagnostics | None = None
 
 
@@ -157,6 +165,19 @@ GRIDS: dict[str, Grid] = {
             overrides={**_LOG_STABILITY, 'num_epochs': 30},
             diagnostics=Diagnostics(num_examples=256, num_iters=20, m=16),
         ),
+        Grid(
+            name='digits_cost',
+            description='8x8 digits, the demo\'s recipe (ResNet-18 width 8, 40 epochs), noise '
+            '0/40%, SGD/SAM/VaSSO/VaSSO every_k=5/one-pass VaSSO/one-pass Momentum-SAM, 3 seeds '
+            '(CPU).',
+            configs=('digits_resnet',),
+            optimizers=('sgd', 'sam', 'vasso', 'vasso_k5', 'one_pass_vasso',
+                        'one_pass_momentum_sam'),
+            label_noise=(0.0, 0.4),
+            overrides={'progress_bar': False},
+            variants={'vasso_k5': {'optimizer': 'vasso', 'every_k': 5}},
+            # No Hessian diagnostics: they would read a one-pass run's held (perturbed) params.
+        ),
     )
 }
 
@@ -234,8 +255,9 @@ def make_config(
     """The config of ``cell``: its config file, the cell's values, then the overrides.
 
     Order (later wins): the config file, ``grid.overrides``, ``grid.config_overrides``,
-    ``grid.optimizer_overrides``, the cell (optimizer, seed, label noise and its seed), then
-    ``overrides`` (the command line's ``--set``).
+    ``grid.optimizer_overrides``, the cell (optimizer, seed, label noise and its seed),
+    ``grid.variants`` of the cell's optimizer, then ``overrides`` (the command line's
+    ``--set``).
     """
     config = importlib.import_module(f'experiments.configs.{cell.config}').get_config()
     if 'log_stability' not in config:  # read by the trainer; off unless a grid turns it on
@@ -250,6 +272,7 @@ def make_config(
             'label_noise': cell.label_noise,
             'noise_seed': cell.seed,
         },
+        grid.variants.get(cell.optimizer, {}),
         overrides or {},
     )
     for layer in layers:

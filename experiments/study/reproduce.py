@@ -8,7 +8,7 @@ Usage:
   python -m experiments.reproduce --grid digits --list
 
 Grids (``experiments/study/grids.py``): ``paper_cifar``, ``label_noise``,
-``label_noise_cifar10n``, ``digits``. Each cell trains in
+``label_noise_cifar10n``, ``digits``, ``digits_cost``. Each cell trains in
 ``WORKDIR/<config>-<optimizer>-noise<pct>-seed<seed>`` through
 ``experiments.image_classification.task.train_and_evaluate``. A cell whose ``summary.json``
 says ``completed`` is skipped; an interrupted one resumes from its last checkpoint. So

@@ -34,8 +34,9 @@ def test_every_cell_of_every_grid_has_a_valid_config(name):
     for cell in cells:
         config = grids.make_config(grid, cell)
         task.validate_config(config)
+        optimizer = grid.variants.get(cell.optimizer, {}).get('optimizer', cell.optimizer)
         assert (config.optimizer, config.seed, config.label_noise, config.noise_seed) == (
-            cell.optimizer,
+            optimizer,
             cell.seed,
             cell.label_noise,
             cell.seed,
@@ -56,6 +57,13 @@ def test_grids_hold_the_issue_settings():
     sgd = grids.make_config(paper, grids.Cell('cifar10_resnet18', 'sgd', 0.0, 0))
     vasso = grids.make_config(paper, grids.Cell('cifar10_resnet18', 'vasso', 0.0, 0))
     assert (sgd.weight_decay, vasso.weight_decay) == (5e-4, 1e-3)  # the official README's
+    cost = grids.GRIDS['digits_cost']  # issue 14's study: the demo's recipe, 36 runs
+    assert len(grids.cells(cost)) == 36 and cost.label_noise == (0.0, 0.4)
+    every_5 = grids.make_config(cost, grids.Cell('digits_resnet', 'vasso_k5', 0.4, 1))
+    assert (every_5.optimizer, every_5.every_k, every_5.num_epochs, every_5.rho) == (
+        'vasso', 5, 40, 0.5)
+    assert {'one_pass_vasso', 'one_pass_momentum_sam', 'sgd', 'sam', 'vasso'} <= set(
+        cost.optimizers)
 
 
 def test_cells_put_the_seed_outermost():

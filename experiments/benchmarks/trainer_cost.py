@@ -127,7 +127,7 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
             scalars = r['extra_bytes'] - buffers * r['params_bytes']
             out.append((f'{name} keeps exactly {buffers:g} params-sized buffer more than SGD',
                         f'{r["extra_bytes"]:,} bytes = {buffers:g} x {r["params_bytes"]:,} + '
-                        f'{scalars} bytes of scalars', 0 <= scalars <= 64))
+                        f'{int(scalars)} bytes of scalars', 0 <= scalars <= 64))
     once = all(r['compilations'] == r['executables'] for r in results['rows'])
     out.append(('one compilation per executable',
                 ', '.join(f'{r["compilations"]}/{r["executables"]}' for r in results['rows']),

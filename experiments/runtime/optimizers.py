@@ -236,6 +236,10 @@ def make_optimizers(config: ml_collections.ConfigDict, schedule: optax.Schedule)
     k = host_every_k(config)
     if k == 1:
         return make_optimizer(config, schedule), None
+    if config.get('log_stability', False):
+        raise errors.ConfigError(
+            f'--config.log_stability does not combine with --config.every_k={k}: the off-steps '
+            'run the rho = 0 chain, which keeps a zero perturbation; set one to its default.')
     sharp, plain = config.copy_and_resolve_references(), config.copy_and_resolve_references()
     sharp.every_k = plain.every_k = 1
     plain.rho = 0.0

@@ -86,6 +86,11 @@ def test_host_dispatch_chains_share_one_state_layout(optimizer):
                                     params)
 
 
+def test_host_dispatch_refuses_stability_logging_in_one_line():
+    with pytest.raises(errors.ConfigError, match='log_stability.*every_k=3'):
+        task.validate_config(mlp_config('vasso', every_k=3, log_stability=True))
+
+
 def test_which_steps_take_two_passes():
     two = lambda optimizer, **kw: [loop.takes_two_passes(mlp_config(optimizer, **kw), s)
                                    for s in range(7)]

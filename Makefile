@@ -39,6 +39,7 @@ docs: $(DOCS_STAMP)
 bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.run --output BENCHMARKS.md
 	$(PY) -m experiments.benchmarks.translation --output BENCHMARKS.md
+	$(PY) -m experiments.benchmarks.trainer_cost --output BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .coverage docs/_build docs/api

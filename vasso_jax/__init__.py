@@ -27,6 +27,7 @@ from vasso_jax._directions import (
     gradient_direction,
     vasso_direction,
 )
+from vasso_jax._monitor import StabilityMonitorState, track_stability
 from vasso_jax._one_pass import (
     OnePassState,
     one_pass,
@@ -34,7 +35,6 @@ from vasso_jax._one_pass import (
     one_pass_vasso,
     unperturbed_params,
 )
-from vasso_jax._monitor import StabilityMonitorState, track_stability
 from vasso_jax._parallel import device_varying
 from vasso_jax._sharpness import SharpnessAwareState, sharpness_aware
 

@@ -166,6 +166,7 @@ class Variant:
             batch_size=batch_size,
             epoch_steps=epoch_steps,
             diagnostics=diagnostics,
+            one_pass=optimizers.holds_one_pass(self.state.opt_state),
         )
         self.step_fns = [
             jax.jit(
@@ -307,9 +308,9 @@ def build_variants(
     for optimizer, every_k, *dispatch in names:
         dispatch = dispatch[0] if dispatch else 'cond'
         name = variant_name(optimizer, every_k, dispatch)
-        if dispatch == 'host':
-            tx = make_tx(optimizer, schedule)
-            plain = make_tx(optimizer, schedule, rho=0.0)
+        if dispatch == 'host':  # the trainer's two chains (every_k = 1 and rho = 0)
+            tx, plain = optimizers.make_optimizers(
+                bench_config(optimizer, every_k=every_k, batch_size=batch_size), schedule)
             variant = Variant(
                 name,
                 tx,

@@ -194,6 +194,11 @@ def render(results: dict) -> str:
     ]
     for model in results['models']:
         lines += [model_table(model), '']
-    lines += ['### Targets', '', '| target | measured | met |', '|---|---|---|']
-    lines += [f'| {t} | {m} | {"yes" if ok else "**no**"} |' for t, m, ok in targets(results)]
+    lines += ['### Targets', '', *targets_table(targets(results))]
     return '\n'.join(lines) + '\n'
+
+
+def targets_table(rows, header: str = 'target') -> list[str]:
+    """Markdown lines of ``(target, measured, met)`` rows."""
+    return [f'| {header} | measured | met |', '|---|---|---|',
+            *(f'| {t} | {m} | {"yes" if ok else "**no**"} |' for t, m, ok in rows)]

@@ -38,13 +38,16 @@ def get_config() -> ml_collections.ConfigDict:
     # name; rho, theta, adaptive, eta and every_k go to it when it takes them, any other
     # argument in optimizer_kwargs, e.g. --config.optimizer=friendly_sam
     # --config.optimizer_kwargs='{"sigma": 1.0, "lmbda": 0.9}'.
+    # ... | one_pass_vasso | one_pass_momentum_sam (one gradient a step, wrap the base)
     config.optimizer = 'vasso'  # sgd | sam | vasso | asam | friendly_sam | ...
     config.optimizer_kwargs = ml_collections.ConfigDict()
     config.rho = 0.1  # [P]; [C] default is 0.05 (SAM's), [S] uses 0.2 on CIFAR-100
     config.theta = 0.4  # [P]; [C] and [S] use 0.9
     config.adaptive = False  # ASAM-style |w| + eta scaling on sam / vasso
     config.eta = 0.01  # offset of the adaptive scaling
-    config.every_k = 1  # sharpness-aware gradient every k-th step
+    # Sharpness-aware gradient on steps 0, k, 2k, ... only (two-pass links): the trainer
+    # compiles the step with and without the second pass and picks one per step on the host.
+    config.every_k = 1
     # m-sharpness: perturb each group of m examples by its own gradient (0 = whole batch);
     # independent of the device count, unlike per-device ascent in the SAM authors' code.
     config.ascent_group_size = 0

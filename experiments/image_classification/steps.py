@@ -206,7 +206,8 @@ def get_batch(step, perm, data: Split, *, batch_size: int, epoch_steps: int):
 def make_train_step(model, tx: optax.GradientTransformationExtraArgs,
                     augment_fn: Callable, *, num_classes: int, batch_size: int,
                     epoch_steps: int, label_smoothing: float = 0.0,
-                    diagnostics: Sequence[str] = (), ascent_group_size: int = 0) -> Callable:
+                    diagnostics: Sequence[str] = (), ascent_group_size: int = 0,
+                    one_pass: bool = False) -> Callable:
     """Returns ``train_step(state, metrics, data, perm) -> (state, metrics)`` (not jitted).
 
     Both passes come from ``vasso_jax.linen.value_and_grad``. Pass 1 (at ``w``) gives the
@@ -229,6 +230,9 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs,
         built with ``axis_name=optimizers.GROUP_AXIS, ascent='per_device'``
         (``optimizers.make_optimizer`` does it). Costs the same two passes as SAM; BatchNorm
         normalises per group.
+      one_pass: ``tx`` is a one-pass link (``vasso_jax.one_pass_vasso``, ...): pass 1 is the
+        step's only gradient, taken at the held (perturbed) params, and ``tx.update`` gets no
+        ``grad_fn``.
     """
     # grad_fn, pass 2: the same batch, dropout key and pre-step BatchNorm statistics; its
     # BatchNorm updates (in the discarded aux) are dropped.
@@ -239,7 +243,10 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs,
     def two_passes(params, batch_stats, opt_state, images, labels, dropout_key):
         (loss, (logits, new_stats)), grads, grad_fn = both_passes(
             params, batch_stats, images, labels, dropout_key)
-        updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+        if one_pass:  # the one gradient, at the held (perturbed) params
+            updates, opt_state = tx.update(grads, opt_state, params)
+        else:
+            updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
         return updates, opt_state, loss, logits, new_stats, grads
 
     def grouped_passes(params, batch_stats, opt_state, images, labels, dropout_key):

@@ -104,7 +104,8 @@ class ClassificationRun:
             self.model, tx, augment_fn, num_classes=run_data.num_classes,
             batch_size=config.batch_size, epoch_steps=self.epoch_steps,
             label_smoothing=config.label_smoothing, diagnostics=self.diagnostics,
-            ascent_group_size=config.ascent_group_size)
+            ascent_group_size=config.ascent_group_size,
+            one_pass=optimizers.is_one_pass(config))
 
     def zero_metrics(self) -> dict:
         return steps.zero_metrics(self.diagnostics)

@@ -119,5 +119,5 @@ def check_optimizer(config: ml_collections.ConfigDict) -> None:
     """The optimiser: base-optimiser keys, then the chain built once (the library's checks)."""
     in_range(config, 'momentum', '[0, 1)', ' (e.g. 0.9; 0 turns momentum off)')
     at_least(config, 'weight_decay', 0, ' (e.g. 5e-4)')
-    optimizers.make_optimizer(config, optax.constant_schedule(config.learning_rate))
+    optimizers.make_optimizers(config, optax.constant_schedule(config.learning_rate))
 

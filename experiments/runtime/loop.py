@@ -7,7 +7,12 @@ non-finite guard. Started on a workdir that holds a checkpoint, it resumes from 
 a finished one, it only rewrites ``summary.json``.
 
 The host synchronises only at log, evaluation and checkpoint steps: between them it just
-enqueues jitted steps.
+enqueues jitted steps. With ``every_k > 1`` on a two-pass link there are two jitted steps
+(the chain with a second pass and the same chain with ``rho = 0``, one state between them)
+and the host picks one per step from the step number: steps 0, k, 2k, ... take two passes.
+No ``lax.cond`` in either, so each compiles once and keeps its fastest layout on every
+backend. A one-pass link's run evaluates, checksums and summarises the unperturbed weights
+(``vasso_jax.unperturbed_params``); its checkpoints hold the held params and the state.
 """
 
 import hashlib
@@ -43,6 +48,40 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int, epoch_step
     """``(schedule, tx)`` of a run of ``num_steps`` steps (``runtime/optimizers.py``)."""
     schedule = optimizers.make_schedule(config, num_steps, epoch_steps)
     return schedule, optimizers.make_optimizer(config, schedule)
+
+
+def make_optimizers(config: ml_collections.ConfigDict, num_steps: int, epoch_steps: int):
+    """``(schedule, tx, plain_tx)``: ``plain_tx`` is the ``rho = 0`` chain of host-dispatched
+    ``every_k``, or None (``optimizers.make_optimizers``)."""
+    schedule = optimizers.make_schedule(config, num_steps, epoch_steps)
+    return (schedule, *optimizers.make_optimizers(config, schedule))
+
+
+def takes_two_passes(config: ml_collections.ConfigDict, step: int) -> bool:
+    """Whether the train step of ``step`` (counted from 0) runs the second pass: every step
+    of a two-pass link, steps 0, k, 2k, ... with ``every_k = k``, none for sgd and one-pass
+    links."""
+    if config.optimizer == 'sgd' or optimizers.is_one_pass(config) or not config.rho:
+        return False
+    return step % optimizers.host_every_k(config) == 0
+
+
+def with_params(state, params):
+    """``state`` with ``params`` replaced (a Flax struct's ``replace``, a NamedTuple's
+    ``_replace``)."""
+    replace = getattr(state, 'replace', None) or state._replace
+    return replace(params=params)
+
+
+_eval_params = jax.jit(optimizers.eval_params)
+
+
+def eval_state(state):
+    """``state`` with the weights to evaluate: the unperturbed ones under a one-pass link
+    (``optimizers.eval_params``), else ``state`` itself."""
+    if not optimizers.holds_one_pass(state.opt_state):
+        return state
+    return with_params(state, _eval_params(state.params, state.opt_state))
 
 
 def params_checksum(params) -> str:
@@ -131,17 +170,25 @@ def _train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *
     end_step = num_steps if stop_at_step is None else min(stop_at_step, num_steps)
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else epoch_steps
 
-    schedule, tx = make_optimizer(config, num_steps, epoch_steps)
+    schedule, tx, plain_tx = make_optimizers(config, num_steps, epoch_steps)
     state = run.init_state(tx)
-    step_fn = run.make_train_step(tx, state)
+    if plain_tx is not None:
+        optimizers.check_same_state(tx, plain_tx, state.params)
     fresh_sums = lambda: nonfinite.with_status(run.zero_metrics())
-    checked = nonfinite.quantities(state, fresh_sums())
     replicated = distributed.replicated(mesh)
-    state = distributed.put(state, replicated)
     skip = bool(config.get('skip_nonfinite', False))
-    train_step = jax.jit(nonfinite.guard(step_fn, skip=skip),
-                         in_shardings=(replicated, replicated, *run.input_shardings),
-                         out_shardings=(replicated, replicated), donate_argnums=(0, 1))
+
+    def jitted_step(t):
+        return jax.jit(nonfinite.guard(run.make_train_step(t, state), skip=skip),
+                       in_shardings=(replicated, replicated, *run.input_shardings),
+                       out_shardings=(replicated, replicated), donate_argnums=(0, 1))
+
+    # Host dispatch of every_k: the two-pass step on steps 0, k, 2k, ..., else the rho = 0 one.
+    two_pass_step = train_step = jitted_step(tx)
+    if plain_tx is not None:
+        train_step = jitted_step(plain_tx)
+    checked = nonfinite.quantities(state, fresh_sums())
+    state = distributed.put(state, replicated)
 
     manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
     state = checkpointing.restore_latest(manager, state)
@@ -155,7 +202,7 @@ def _train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *
     elapsed_before = metrics.last(writer.history, 'elapsed_s', 0.0)
 
     def evaluate_all(step):
-        record = {'epoch': step / epoch_steps, **run.evaluate(state)}
+        record = {'epoch': step / epoch_steps, **run.evaluate(eval_state(state))}
         record['elapsed_s'] = elapsed_before + time.time() - start_time
         return writer.write(step, record)
 
@@ -165,8 +212,12 @@ def _train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *
     last_log_step = start_step
     sums = fresh_sums()
     postfix = {}
+    two_pass_steps = 0  # in the current log interval
     for step in range(start_step, end_step):
-        state, sums = train_step(state, sums, *run.train_inputs(step))
+        two_pass = takes_two_passes(config, step)
+        two_pass_steps += two_pass
+        step_fn = two_pass_step if two_pass else train_step
+        state, sums = step_fn(state, sums, *run.train_inputs(step))
         done = step + 1
         preempted = stop.should_stop(done)
         checkpoint_due = (done % config.checkpoint_every_steps == 0 or done == end_step
@@ -177,6 +228,7 @@ def _train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *
             record = run.summarize_train(nonfinite.strip(fetched))
             if skip:
                 record['skipped_steps'] = int(fetched['nonfinite_skipped'])
+            record['two_pass_steps'], two_pass_steps = two_pass_steps, 0
             sums = fresh_sums()
             now = time.time()
             throughput = ((done - last_log_step) * run.examples_per_step
@@ -219,7 +271,8 @@ def make_summary(run, config, state, history: list[dict], num_steps: int) -> dic
         'completed': int(state.step) >= num_steps,
         'wall_time_s': metrics.last(history, 'elapsed_s', 0.0),
         run.throughput_key: median_throughput(history, run.throughput_key),
-        'params_checksum': params_checksum(state.params),
+        'params_checksum': params_checksum(eval_state(state).params),
+        'two_pass_steps': int(sum(r.get('two_pass_steps', 0) for r in history)),
     }
     if config.get('skip_nonfinite', False):
         summary['skipped_steps'] = int(sum(r.get('skipped_steps', 0) for r in history))

@@ -16,11 +16,23 @@
   and ``nesterov`` are ``sgd``'s (the paper's recipe).
 
 Weight decay comes after the link, so it is not part of the ascent.
+
+A one-pass link (``one_pass_vasso``, ``one_pass_momentum_sam``: any ``vasso_jax`` factory
+whose first argument is the ``base`` it wraps) is built *around* ``chain(weight decay, base)``
+instead: ``tx = one_pass_vasso(chain(add_decayed_weights, sgd), rho, theta)``. Its train step
+takes one gradient (no ``grad_fn``) and the params it holds are the perturbed point;
+:func:`eval_params` gives the weights to evaluate.
+
+``every_k > 1`` on a two-pass link is host dispatch: :func:`make_optimizers` returns the chain
+with ``every_k = 1`` and the same chain with ``rho = 0`` (no second pass, the same state), and
+the run picks one per step on the host (steps 0, k, 2k, ... take two passes), as the library's
+``every_k`` would with its ``lax.cond``, which :func:`make_optimizer` still builds.
 """
 
 import inspect
 import re
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -45,18 +57,43 @@ def _parameters(factory) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(factory).parameters)
 
 
-def link_factories() -> dict:
-    """The ``vasso_jax`` factories ``--config.optimizer`` may name: public, with a ``rho``
-    and every argument defaulted."""
-    factories = {}
+def _public_factories():
+    """``(name, factory, parameters)`` of every public function of ``vasso_jax``."""
     for name in vasso_jax.__all__:
         factory = getattr(vasso_jax, name)
-        if not inspect.isfunction(factory):
-            continue
-        params = _parameters(factory)
-        if 'rho' in params and all(p.default is not p.empty for p in params.values()):
-            factories[name] = factory
-    return factories
+        if inspect.isfunction(factory):
+            yield name, factory, _parameters(factory)
+
+
+def link_factories() -> dict:
+    """The ``vasso_jax`` factories ``--config.optimizer`` may name: public, with a ``rho``
+    and every argument defaulted (two-pass links), or a ``base`` first and every argument
+    but ``base`` and ``rho`` defaulted (one-pass links, :func:`one_pass_factories`)."""
+    factories = {
+        name: factory for name, factory, params in _public_factories()
+        if 'rho' in params and all(p.default is not p.empty for p in params.values())}
+    return {**factories, **one_pass_factories()}
+
+
+def one_pass_factories() -> dict:
+    """The ``vasso_jax`` factories that wrap a base optimiser (``one_pass_vasso``,
+    ``one_pass_momentum_sam``): ``base`` first, a ``rho``, every other argument defaulted."""
+    return {
+        name: factory for name, factory, params in _public_factories()
+        if list(params)[:1] == ['base'] and 'rho' in params
+        and all(p.default is not p.empty for n, p in params.items() if n not in ('base', 'rho'))}
+
+
+def is_one_pass(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config.optimizer`` is a one-pass link (one gradient a step, no ``grad_fn``)."""
+    return config.optimizer in one_pass_factories()
+
+
+def host_every_k(config: ml_collections.ConfigDict) -> int:
+    """k of the run's host dispatch: ``config.every_k`` for a two-pass link, else 1."""
+    if config.optimizer == 'sgd' or is_one_pass(config):
+        return 1
+    return int(config.get('every_k', 1))
 
 
 def base_factory(name: str):
@@ -77,6 +114,10 @@ def _kwargs(config, key: str) -> dict:
 def _check_kwargs(key: str, kwargs: dict, factory, owner: str, reserved=()) -> None:
     params = _parameters(factory)
     for name in kwargs:
+        if name == 'base' and name in reserved:
+            raise errors.ConfigError(
+                f'--config.{key}.base: the run builds the base optimiser; set '
+                '--config.base_optimizer and --config.base_optimizer_kwargs instead.')
         if name in reserved:
             raise errors.ConfigError(
                 f'--config.{key}.{name}: set --config.{name} instead (the run sets {name} '
@@ -88,8 +129,10 @@ def _check_kwargs(key: str, kwargs: dict, factory, owner: str, reserved=()) -> N
                 f'--config.{key}.{name} is not an argument of {owner}; valid: {valid}.')
 
 
-def make_sharpness_link(config: ml_collections.ConfigDict):
+def make_sharpness_link(config: ml_collections.ConfigDict, base=None):
     """The ``vasso_jax`` link of ``config.optimizer`` (None for plain ``sgd``).
+
+    A one-pass link wraps ``base`` (the chain of weight decay and the base optimiser).
 
     Raises:
       ConfigError: an unknown name or argument, or a hyperparameter the library rejected.
@@ -109,8 +152,11 @@ def make_sharpness_link(config: ml_collections.ConfigDict):
     params = _parameters(factory)
     kwargs = _kwargs(config, 'optimizer_kwargs')
     _check_kwargs('optimizer_kwargs', kwargs, factory, f'vasso_jax.{name}',
-                  reserved=LINK_KEYS + _RUN_LINK_KEYS)
+                  reserved=LINK_KEYS + _RUN_LINK_KEYS + ('base',))
     kwargs.update({k: config[k] for k in LINK_KEYS if k in params and k in config})
+    if name in one_pass_factories():
+        _check_one_pass(config, name)
+        kwargs['base'] = base
     if config.get('ascent_group_size', 0):  # m-sharpness: groups are a vmap axis
         kwargs.update(axis_name=GROUP_AXIS, ascent='per_device')
     if config.get('log_stability', False):  # keep eps_t for vasso_jax.track_stability
@@ -119,6 +165,19 @@ def make_sharpness_link(config: ml_collections.ConfigDict):
         return factory(**kwargs)
     except ValueError as e:  # vasso_jax checks hyperparameters eagerly
         raise errors.ConfigError(f'{_flag_of(str(e))}: {e}') from e
+
+
+def _check_one_pass(config: ml_collections.ConfigDict, name: str) -> None:
+    """The run options a one-pass link cannot take, as one-line ConfigErrors."""
+    for key, value, why in (
+            ('every_k', config.get('every_k', 1) != 1, 'it takes one gradient every step'),
+            ('ascent_group_size', config.get('ascent_group_size', 0), 'it has no ascent pass'),
+            ('log_stability', config.get('log_stability', False),
+             'its state keeps grad_norm, direction_norm and cosine')):
+        if value:
+            raise errors.ConfigError(
+                f'--config.{key} does not apply to the one-pass --config.optimizer={name} '
+                f'({why}); leave it at its default or use a two-pass link.')
 
 
 def _flag_of(message: str) -> str:
@@ -158,11 +217,57 @@ def make_optimizer(config: ml_collections.ConfigDict,
     With ``config.log_stability`` the link is wrapped by ``vasso_jax.track_stability``, so
     the state also holds :data:`STABILITY_DIAGNOSTICS`.
     """
+    base = make_base_optimizer(config, schedule)
+    if is_one_pass(config):  # the link wraps the base: weight decay inside it
+        return make_sharpness_link(config, optax.chain(*base))
     link = make_sharpness_link(config)
     if link is not None and config.get('log_stability', False):
         link = vasso_jax.track_stability(link)
-    return optax.chain(*([link] if link is not None else []),
-                       *make_base_optimizer(config, schedule))
+    return optax.chain(*([link] if link is not None else []), *base)
+
+
+def make_optimizers(config: ml_collections.ConfigDict, schedule: optax.Schedule):
+    """``(tx, plain_tx)``: the run's chain, and for ``every_k > 1`` (host dispatch) the same
+    chain with ``rho = 0`` (``plain_tx`` is None otherwise).
+
+    ``tx`` is :func:`make_optimizer`'s chain with ``every_k = 1``, the two-pass step;
+    ``plain_tx`` skips the second pass and has the same state (checked by
+    :func:`check_same_state`), so one state passes between the two executables.
+    """
+    k = host_every_k(config)
+    if k == 1:
+        return make_optimizer(config, schedule), None
+    if config.get('log_stability', False):
+        raise errors.ConfigError(
+            f'--config.log_stability does not combine with --config.every_k={k}: the off-steps '
+            'run the rho = 0 chain, which keeps a zero perturbation; set one to its default.')
+    sharp, plain = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+    sharp.every_k = plain.every_k = 1
+    plain.rho = 0.0
+    return make_optimizer(sharp, schedule), make_optimizer(plain, schedule)
+
+
+def check_same_state(tx, plain_tx, params) -> None:
+    """Raises RuntimeError unless ``tx`` and ``plain_tx`` have the same state layout (tree,
+    shapes, dtypes) on ``params``: what lets host dispatch pass one state between them."""
+    layout = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(t.init, params))
+    if layout(tx) != layout(plain_tx):
+        raise RuntimeError('every_k by host dispatch: the rho = 0 chain has another state '
+                           'layout than the two-pass chain; this is a bug.')
+
+
+def holds_one_pass(opt_state) -> bool:
+    """Whether ``opt_state`` is (or contains) a one-pass link's state."""
+    is_state = lambda x: isinstance(x, vasso_jax.OnePassState)
+    return any(map(is_state, jax.tree.leaves(opt_state, is_leaf=is_state)))
+
+
+def eval_params(params, opt_state):
+    """The weights to evaluate, checksum and export: ``vasso_jax.unperturbed_params`` under a
+    one-pass link (its held params are the perturbed point), else ``params``."""
+    if holds_one_pass(opt_state):
+        return vasso_jax.unperturbed_params(params, opt_state)
+    return params
 
 
 def warmup_steps(config: ml_collections.ConfigDict, epoch_steps: int) -> int:

@@ -19,6 +19,10 @@ Grids:
 
 A cell trains the task its config names (``config.task``, default image classification).
 
+  ``digits_cost``: the demo's recipe (digits, 40 epochs) for the cost-saving variants: SGD,
+    SAM, VaSSO, VaSSO with ``every_k = 5`` (host dispatch), one-pass VaSSO and one-pass
+    Momentum-SAM; noise 0/40%, 3 seeds.
+
 ``digits`` takes about 30 minutes on two CPU cores; the CIFAR grids are for GPUs (54, 36 and 9
 runs of 200 epochs) and are meant to be split with ``--shard``.
 """
@@ -206,6 +210,19 @@ GRIDS: dict[str, Grid] = {
             configs=('iwslt_de_en_transformer',),
             # 'sgd' names no sharpness-aware link: plain AdamW, the config's base optimiser.
             overrides={'progress_bar': False},
+        ),
+        Grid(
+            name='digits_cost',
+            description='8x8 digits, the demo\'s recipe (ResNet-18 width 8, 40 epochs), noise '
+            '0/40%, SGD/SAM/VaSSO/VaSSO every_k=5/one-pass VaSSO/one-pass Momentum-SAM, 3 seeds '
+            '(CPU).',
+            configs=('digits_resnet',),
+            optimizers=('sgd', 'sam', 'vasso', 'vasso_k5', 'one_pass_vasso',
+                        'one_pass_momentum_sam'),
+            label_noise=(0.0, 0.4),
+            overrides={'progress_bar': False},
+            optimizer_overrides={'vasso_k5': {'optimizer': 'vasso', 'every_k': 5}},
+            # No Hessian diagnostics: they would read a one-pass run's held (perturbed) params.
         ),
     )
 }

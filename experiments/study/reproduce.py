@@ -8,7 +8,7 @@ Usage:
   python -m experiments.reproduce --grid digits --list
 
 Grids (``experiments/study/grids.py``): ``paper_cifar``, ``label_noise``,
-``label_noise_cifar10n``, ``digits``, ``iwslt_de_en``. Each cell trains in
+``label_noise_cifar10n``, ``digits``, ``digits_cost``, ``iwslt_de_en``. Each cell trains in
 ``WORKDIR/<config>-<optimizer>-noise<pct>-seed<seed>`` through its task's
 ``train_and_evaluate`` (``experiments.<config.task>.task``, image classification by
 default). A cell whose ``summary.json`` says ``completed`` is skipped; an interrupted one

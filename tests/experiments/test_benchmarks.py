@@ -249,3 +249,25 @@ def test_gpu_script_cpu_path_at_tiny_size(tmp_path):
 def test_tree_bytes():
     state = {'a': jnp.zeros((2, 3), jnp.float32), 'b': jnp.zeros(4, jnp.bfloat16)}
     assert harness.tree_bytes(state) == 2 * 3 * 4 + 4 * 2
+
+
+@pytest.mark.slow
+def test_trainer_cost_tiny_counts_one_compilation_per_executable(tmp_path):
+    """The every_k (host dispatch) and one-pass rows: FLOPs, buffers, compilations."""
+    from experiments.benchmarks import trainer_cost
+
+    path = tmp_path / 'BENCHMARKS.md'
+    path.write_text('# Benchmarks\n\nkept\n')
+    results = trainer_cost.main(['--tiny', '--rounds', '1', '--output', str(path)])
+    rows = {r['variant']: r for r in results['rows']}
+    assert all(r['compilations'] == r['executables'] for r in rows.values())
+    assert rows['vasso k=5 (host dispatch)']['executables'] == 2
+    assert rows['one_pass_vasso']['executables'] == 1
+    # XLA's FLOPs: one-pass ~ SGD, two-pass ~ 2x, host dispatch in between, falling with k.
+    flops = [rows[f'vasso k={k} (host dispatch)']['flops_x_sgd'] for k in (2, 5, 10)]
+    assert rows['vasso']['flops_x_sgd'] > flops[0] > flops[1] > flops[2] > 1.0
+    assert abs(rows['one_pass_vasso']['flops_x_sgd'] - 1.0) < 0.1
+    for name in ('one_pass_vasso', 'one_pass_momentum_sam', 'vasso k=5 (host dispatch)'):
+        assert 0 <= rows[name]['extra_bytes'] - rows[name]['params_bytes'] <= 64, name
+    text = path.read_text()
+    assert 'kept' in text and trainer_cost.BEGIN in text and '| one_pass_vasso |' in text

@@ -56,6 +56,13 @@ def test_grids_hold_the_issue_settings():
     sgd = grids.make_config(paper, grids.Cell('cifar10_resnet18', 'sgd', 0.0, 0))
     vasso = grids.make_config(paper, grids.Cell('cifar10_resnet18', 'vasso', 0.0, 0))
     assert (sgd.weight_decay, vasso.weight_decay) == (5e-4, 1e-3)  # the official README's
+    cost = grids.GRIDS['digits_cost']  # issue 14's study: the demo's recipe, 36 runs
+    assert len(grids.cells(cost)) == 36 and cost.label_noise == (0.0, 0.4)
+    every_5 = grids.make_config(cost, grids.Cell('digits_resnet', 'vasso_k5', 0.4, 1))
+    assert (every_5.optimizer, every_5.every_k, every_5.num_epochs, every_5.rho) == (
+        'vasso', 5, 40, 0.5)
+    assert {'one_pass_vasso', 'one_pass_momentum_sam', 'sgd', 'sam', 'vasso'} <= set(
+        cost.optimizers)
 
 
 def test_fashion_mnist_grids_hold_the_issue_settings():

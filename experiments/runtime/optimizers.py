@@ -93,7 +93,7 @@ def host_every_k(config: ml_collections.ConfigDict) -> int:
     """k of the run's host dispatch: ``config.every_k`` for a two-pass link, else 1."""
     if config.optimizer == 'sgd' or is_one_pass(config):
         return 1
-    return int(config.get('every_k', 1))
+    return config.get('every_k', 1)
 
 
 def base_factory(name: str):
@@ -235,8 +235,10 @@ def make_optimizers(config: ml_collections.ConfigDict, schedule: optax.Schedule)
     :func:`check_same_state`), so one state passes between the two executables.
     """
     k = host_every_k(config)
+    # Built as given first: the library's own check of every_k (an integer >= 1) names it.
+    tx = make_optimizer(config, schedule)
     if k == 1:
-        return make_optimizer(config, schedule), None
+        return tx, None
     if config.get('log_stability', False):
         raise errors.ConfigError(
             f'--config.log_stability does not combine with --config.every_k={k}: the off-steps '

@@ -173,6 +173,49 @@ def table(grid: grids.Grid, runs: Sequence[Run], metric: Metric) -> str:
     return '\n'.join(lines)
 
 
+def cost_table(grid: grids.Grid, runs: Sequence[Run]) -> str:
+    """Markdown: per optimiser and column, final test accuracy and the run's wall time (both
+    mean ± std over seeds) and the wall time as a multiple of SGD's in that column.
+
+    Wall time is the trainer's ``wall_time_s`` (training and evaluation, compilation included),
+    so it is comparable only between runs of one machine under the same load. Empty when no
+    completed run has both values.
+    """
+    accuracy = group_values(runs, 'final_test_accuracy')
+    wall = group_values(runs, 'wall_time_s')
+    if not accuracy or not wall:
+        return ''
+    columns = grids.columns(grid)
+    header, rule = ['optimizer'], ['---']
+    for c, n in columns:
+        label = column_label(grid, c, n)
+        header += [f'{label}: test acc. (%)', f'{label}: wall time (s)', f'{label}: × sgd']
+        rule += ['---:'] * 3
+    lines = [
+        '**Accuracy against wall time**',
+        '',
+        '| ' + ' | '.join(header) + ' |',
+        '|' + '|'.join(rule) + '|',
+    ]
+    for optimizer in grid.optimizers:
+        if not any((c, n, optimizer) in accuracy for c, n in columns):
+            continue
+        entries = []
+        for c, n in columns:
+            seconds = wall.get((c, n, optimizer), [])
+            sgd = wall.get((c, n, 'sgd'), [])
+            ratio = (f'{mean_std(seconds)[0] / mean_std(sgd)[0]:.2f}'
+                     if seconds and sgd else '—')
+            entries += [
+                format_entry(accuracy.get((c, n, optimizer), []), len(grid.seeds), 100.0,
+                             '.2f'),
+                format_entry(seconds, len(grid.seeds), 1.0, '.0f'),
+                ratio,
+            ]
+        lines.append(f'| {optimizer} | ' + ' | '.join(entries) + ' |')
+    return '\n'.join(lines)
+
+
 def load_paper_results(path: str = PAPER_RESULTS) -> dict:
     return files.read_json(path)
 
@@ -245,6 +288,9 @@ def report(
             text = table(grid, runs, metric)
             if text:
                 parts += ['', text]
+    cost = cost_table(grid, runs)
+    if cost:
+        parts += ['', cost]
     comparison = paper_comparison(grid, runs, paper) if paper else ''
     if comparison:
         parts += ['', '## Published numbers', '', comparison]

@@ -1,4 +1,5 @@
-"""Plots of a grid: test-accuracy curves, a bar chart with error bars, adversary stability.
+"""Plots of a grid: test-accuracy curves, a bar chart with error bars, accuracy against wall
+time (with the Pareto front), adversary stability.
 
 Every figure has one panel per (config, label-noise level) of the grid and one line (or bar)
 per optimiser, averaged over the seeds that have data (shaded / error bar: ± one standard
@@ -13,7 +14,9 @@ import numpy as np
 from experiments.runtime import metrics
 from experiments.study import aggregate, grids
 
-COLORS = {'sgd': 'tab:gray', 'sam': 'tab:blue', 'vasso': 'tab:red', 'asam': 'tab:green'}
+COLORS = {'sgd': 'tab:gray', 'sam': 'tab:blue', 'vasso': 'tab:red', 'asam': 'tab:green',
+          'vasso_k5': 'tab:orange', 'one_pass_vasso': 'tab:purple',
+          'one_pass_momentum_sam': 'tab:brown'}
 
 
 def _pyplot():
@@ -157,6 +160,55 @@ def bars(
     return path
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points ``(cost, value)`` that no other point beats on both (lower or
+    equal cost and higher or equal value, one of them strictly), in order of cost."""
+    front = [
+        i for i, (cost, value) in enumerate(points)
+        if not any(c <= cost and v >= value and (c, v) != (cost, value) for c, v in points)
+    ]
+    return sorted(front, key=lambda i: points[i])
+
+
+def pareto(
+    grid: grids.Grid, runs: Sequence[aggregate.Run], path: str,
+    metric: str = 'final_test_accuracy',
+) -> str | None:
+    """Accuracy (percent) against wall time per optimiser, one panel per column, mean ± std
+    over seeds as error bars on both axes, the Pareto front joined; None if no data."""
+    accuracy = aggregate.group_values(runs, metric)
+    wall = aggregate.group_values(runs, 'wall_time_s')
+    panels = [p for p in _panels(grid) if any((*p, o) in accuracy for o in grid.optimizers)]
+    if not panels or not wall:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, (config, noise) in zip(axes[0], panels):
+        points, names = [], []
+        for optimizer in grid.optimizers:
+            key = (config, noise, optimizer)
+            if key not in accuracy or key not in wall:
+                continue
+            (x, dx), (y, dy) = aggregate.mean_std(wall[key]), aggregate.mean_std(accuracy[key])
+            ax.errorbar(x, 100 * y, xerr=dx, yerr=100 * dy, fmt='o', capsize=3,
+                        color=COLORS.get(optimizer), label=optimizer)
+            points.append((x, 100 * y))
+            names.append(optimizer)
+        front = pareto_front(points)
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], '--', color='k',
+                alpha=0.4, label='Pareto front')
+        ax.set_xlabel('wall time of a run (s)')
+        ax.set_ylabel('final test accuracy (%)')
+        ax.set_title(aggregate.column_label(grid, config, noise))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize='small')
+    fig.suptitle(f'{grid.name}: accuracy against wall time (mean ± std over seeds)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def grid_plots(grid: grids.Grid, runs: Sequence[aggregate.Run], workdir: str) -> list[str]:
     """All plots of a grid into ``workdir``; returns the paths drawn."""
     drawn = [
@@ -168,6 +220,7 @@ def grid_plots(grid: grids.Grid, runs: Sequence[aggregate.Run], workdir: str) ->
             title=f'{grid.name}: test accuracy (mean ± std over seeds)',
         ),
         bars(grid, runs, os.path.join(workdir, 'final_accuracy.png')),
+        pareto(grid, runs, os.path.join(workdir, 'accuracy_vs_wall_time.png')),
         curves(
             grid,
             runs,

@@ -147,7 +147,8 @@ SMALL = grids.Grid(
 )
 
 
-def write_run(workdir, cell, accuracy, *, completed=True, eps=None, diagnostics=None):
+def write_run(workdir, cell, accuracy, *, completed=True, eps=None, diagnostics=None,
+              wall=100.0):
     """A fake finished cell: summary.json, metrics.jsonl, optionally diagnostics.json."""
     cell_dir = os.path.join(workdir, cell.name)
     os.makedirs(cell_dir, exist_ok=True)
@@ -155,6 +156,7 @@ def write_run(workdir, cell, accuracy, *, completed=True, eps=None, diagnostics=
         'completed': completed,
         'final_test_accuracy': accuracy,
         'best_test_accuracy': accuracy + 0.01,
+        'wall_time_s': wall,
     }
     with open(os.path.join(cell_dir, 'summary.json'), 'w') as f:
         json.dump(summary, f)
@@ -173,11 +175,12 @@ def test_hand_made_summaries_give_the_expected_table(tmp_path):
     workdir = str(tmp_path)
     cell = lambda config, optimizer, seed: grids.Cell(config, optimizer, 0.0, seed)
     write_run(workdir, cell('a_cfg', 'sgd', 0), 0.90)
-    write_run(workdir, cell('a_cfg', 'sgd', 1), 0.92)
+    write_run(workdir, cell('a_cfg', 'sgd', 1), 0.92, wall=120.0)
     write_run(
         workdir,
         cell('a_cfg', 'vasso', 0),
         0.95,
+        wall=210.0,
         eps=0.2,
         diagnostics={'hessian_top_eigenvalue': 10.0, 'm_sharpness': 0.5},
     )
@@ -185,6 +188,7 @@ def test_hand_made_summaries_give_the_expected_table(tmp_path):
         workdir,
         cell('a_cfg', 'vasso', 1),
         0.97,
+        wall=230.0,
         eps=0.4,
         diagnostics={'hessian_top_eigenvalue': 20.0, 'm_sharpness': 0.7},
     )
@@ -238,15 +242,29 @@ def test_hand_made_summaries_give_the_expected_table(tmp_path):
     assert '| a_cfg | sgd | 92.0 | 92.00 ± 1.41 (best) | +0.00 | X 2020, Figure 1 |' in comparison
     assert 'X et al., 2020' in comparison and 'a note' in comparison
 
+    cost = aggregate.cost_table(SMALL, runs)
+    assert cost.splitlines()[-2:] == [  # wall: sgd 110 ± 14.1, vasso 220 ± 14.1 (2.00x)
+        '| sgd | 91.00 ± 1.41 | 110 ± 14 | 1.00 | 80.00 ± 0.00 (n=1) | 100 ± 0 (n=1) | 1.00 |',
+        '| vasso | 96.00 ± 1.41 | 220 ± 14 | 2.00 | — | — | — |',
+    ]
+
     paths = plots.grid_plots(SMALL, runs, workdir)
     assert [os.path.basename(p) for p in paths] == [
         'test_accuracy.png',
         'final_accuracy.png',
+        'accuracy_vs_wall_time.png',
         'stability.png',
     ]
     assert all(os.path.getsize(p) > 1000 for p in paths)
     text = aggregate.report(SMALL, runs, paper, paths)
     assert '5/8 runs completed' in text and '![stability.png](stability.png)' in text
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    # (cost, value): (1, 50) cheapest; (2, 60) better; (3, 55) beaten by (2, 60); (4, 70) best.
+    points = [(3.0, 55.0), (1.0, 50.0), (4.0, 70.0), (2.0, 60.0), (2.0, 60.0)]
+    assert plots.pareto_front(points) == [1, 3, 4, 2]
+    assert plots.pareto_front([(1.0, 1.0)]) == [0]
 
 
 def test_mean_curve_averages_the_common_steps():

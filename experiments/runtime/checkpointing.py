@@ -53,10 +53,11 @@ class CorruptCheckpointError(Exception):
     unreadable; :func:`restore_latest` treats it as an unreadable step."""
 
 
-def _host_array(leaf) -> np.ndarray:
+def _plain(leaf):
+    """A typed PRNG key as its raw data; any other leaf as it is."""
     if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        leaf = jax.random.key_data(leaf)
-    return np.ascontiguousarray(leaf)
+        return jax.random.key_data(leaf)
+    return leaf
 
 
 def digests(state) -> dict[str, str]:
@@ -66,12 +67,12 @@ def digests(state) -> dict[str, str]:
     process's copy.
     """
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    arrays = jax.device_get([leaf for _, leaf in leaves])
+    arrays = jax.device_get([_plain(leaf) for _, leaf in leaves])
     result = {}
     for (path, _), array in zip(leaves, arrays, strict=True):
-        array = _host_array(array)
+        array = np.asarray(array)
         digest = hashlib.sha256(f'{array.dtype}{array.shape}'.encode())
-        digest.update(array.reshape(-1).view(np.uint8))
+        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         result[jax.tree_util.keystr(path)] = digest.hexdigest()
     return result
 

@@ -223,7 +223,7 @@ def _train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *
         logging.info('Resuming from step %d in %s.', start_step, workdir)
     writer = metrics.MetricWriter(workdir, start_step=start_step, write_files=main_process,
                                   history=history)
-    recorded_config = workdir_lib.config_dict(config)
+    resolved_config = workdir_lib.config_dict(config)  # kept with each checkpoint
     elapsed_before = metrics.last(writer.history, 'elapsed_s', 0.0)
 
     def evaluate_all(step):
@@ -273,7 +273,7 @@ def _train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *
             bar.set_postfix(postfix)
         if checkpoint_due:
             writer.flush()
-            checkpointing.save(manager, state, config=recorded_config,
+            checkpointing.save(manager, state, config=resolved_config,
                                history=writer.history)
         if preempted:
             break

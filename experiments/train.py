@@ -5,7 +5,8 @@ Usage:
       --workdir runs/c10_r18_vasso [--config.optimizer=sam --config.rho=0.05 ...]
 
 The workdir receives ``config.json``, ``metrics.jsonl``, TensorBoard events in
-``tensorboard/``, orbax checkpoints in ``checkpoints/`` and ``summary.json``. Running the same
+``tensorboard/``, orbax checkpoints in ``checkpoints/`` (each verified against its record in
+``checkpoint_records/``) and ``summary.json``. Running the same
 command again on the workdir resumes from its last checkpoint.
 
 The task is ``config.task`` (a folder of ``experiments/`` with a ``task.TASK``; default

@@ -4,7 +4,15 @@
 ``python -m experiments.train``: the config is checked, the workdir locked and checked, the
 task's data loaded, the optimiser built, and the task's train step jitted once inside the
 non-finite guard. Started on a workdir that holds a checkpoint, it resumes from it; started on
-a finished one, it only rewrites ``summary.json``.
+a finished one, it trains nothing and returns the summary, leaving ``summary.json`` and
+``metrics.jsonl`` as they are when they hold what the checkpoint says.
+
+Integrity: each checkpoint's record (``checkpointing.py``) holds the digests of the saved
+state, the resolved config and the metrics history up to its step. A step whose arrays differ
+from their digests is never resumed (the step before is); a config that differs from the
+recorded one is refused even when ``config.json`` was deleted (which is then restored from
+the record); a missing or truncated ``metrics.jsonl`` is restored from the record with a
+one-line warning, so the summary never loses a value.
 
 The host synchronises only at log, evaluation and checkpoint steps: between them it just
 enqueues jitted steps. With ``every_k > 1`` on a two-pass link there are two jitted steps
@@ -16,6 +24,7 @@ backend. A one-pass link's run evaluates, checksums and summarises the unperturb
 """
 
 import hashlib
+import os
 import time
 
 import jax
@@ -135,8 +144,12 @@ def train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *,
     workdir_lib.create(workdir)
     with workdir_lib.lock(workdir, enabled=distributed.is_main_process()), \
             preemption.Guard(sync_every=config.log_every_steps) as stop:
+        record = checkpointing.latest_record(workdir)
+        recorded_config = record.get('config') if record else None
+        if recorded_config is not None and distributed.is_main_process():
+            workdir_lib.restore_config(workdir, recorded_config, record['step'])
         workdir_lib.check_config(workdir, config, defaults=task.default_config(),
-                                 allow_change=allow_config_change)
+                                 allow_change=allow_config_change, recorded=recorded_config)
         summary = _train_and_evaluate(task, config, workdir, stop_at_step=stop_at_step,
                                       stop=stop)
     if stop.stopped and not summary['completed']:
@@ -191,14 +204,26 @@ def _train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *
     state = distributed.put(state, replicated)
 
     manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
-    state = checkpointing.restore_latest(manager, state)
+    state, record = checkpointing.restore_latest_with_record(manager, state)
     start_step = int(state.step)
+    history, repaired = metrics.resume_history(
+        workdir, start_step, recorded=record.get('history') if record else None)
+    if start_step >= end_step:  # nothing to train: the results stay as they are
+        manager.close()
+        if main_process:
+            if repaired:
+                metrics.write_history(workdir, history)
+            if not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+                workdir_lib.save_config(workdir, config)
+        return _summarize(run, config, state, history, num_steps, workdir, main_process)
     if main_process:  # one writer per run; every process saves its part of checkpoints
         workdir_lib.save_config(workdir, config)
         run.save_artifacts(workdir)
     if start_step:
         logging.info('Resuming from step %d in %s.', start_step, workdir)
-    writer = metrics.MetricWriter(workdir, start_step=start_step, write_files=main_process)
+    writer = metrics.MetricWriter(workdir, start_step=start_step, write_files=main_process,
+                                  history=history)
+    resolved_config = workdir_lib.config_dict(config)  # kept with each checkpoint
     elapsed_before = metrics.last(writer.history, 'elapsed_s', 0.0)
 
     def evaluate_all(step):
@@ -248,17 +273,21 @@ def _train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *
             bar.set_postfix(postfix)
         if checkpoint_due:
             writer.flush()
-            checkpointing.save(manager, state)
+            checkpointing.save(manager, state, config=resolved_config,
+                               history=writer.history)
         if preempted:
             break
     bar.close()
     manager.wait_until_finished()
     manager.close()
     writer.close()
+    return _summarize(run, config, state, writer.history, num_steps, workdir, main_process)
 
-    summary = make_summary(run, config, state, writer.history, num_steps)
+
+def _summarize(run, config, state, history, num_steps, workdir, main_process) -> dict:
+    summary = make_summary(run, config, state, history, num_steps)
     if main_process:
-        metrics.write_summary(workdir, summary)
+        metrics.write_summary(workdir, summary)  # untouched when it holds this already
     return summary
 
 

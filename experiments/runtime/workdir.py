@@ -3,9 +3,11 @@
 - :func:`lock` holds an exclusive ``flock`` on ``WORKDIR/.lock`` for the run's lifetime; the OS
   releases it when the process ends, however it ends (``kill -9`` included), so a stale lock
   never blocks a rerun. A second run on the workdir is refused with the holder's pid.
-- :func:`check_config` compares the config with ``WORKDIR/config.json`` and refuses a run whose
-  config differs in a key that changes the maths (:data:`EXEMPT_KEYS` do not), unless told to
-  allow it. :func:`save_config` writes ``config.json`` atomically.
+- :func:`check_config` compares the config with the one the run's latest checkpoint was saved
+  with (its record, see ``checkpointing.py``), else with ``WORKDIR/config.json``, and refuses
+  a run whose config differs in a key that changes the maths (:data:`EXEMPT_KEYS` do not),
+  unless told to allow it. :func:`save_config` writes ``config.json`` atomically;
+  :func:`restore_config` rewrites a deleted one from the checkpoint's record.
 """
 
 import contextlib
@@ -120,28 +122,35 @@ def check_config(
     *,
     defaults: ml_collections.ConfigDict | None = None,
     allow_change: bool = False,
+    recorded: dict | None = None,
 ) -> None:
     """Refuses ``config`` when ``workdir`` was started with a config that differs from it.
 
     Args:
-      workdir: the run's folder; nothing is checked when it has no ``config.json``.
+      workdir: the run's folder; nothing is checked when it has no ``config.json`` and
+        ``recorded`` is None.
       config: this run's config.
       defaults: the task's default config; a top-level key missing from an older workdir's
         ``config.json`` ran at its default there.
       allow_change: continue anyway (with a warning naming the changed keys).
+      recorded: the config saved with the run's latest checkpoint; when given it is the one
+        compared (``config.json`` may have been edited or deleted since).
 
     Raises:
       WorkdirError: the configs differ in a non-exempt key, or ``config.json`` is unreadable.
     """
     path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    if recorded is not None:
+        old = recorded
+    elif not os.path.exists(path):
         return
-    try:
-        old = files.read_json(path)
-    except (OSError, ValueError) as e:
-        raise WorkdirError(
-            f'{path} is unreadable ({e}); repair or delete it, or pass another --workdir.'
-        ) from e
+    else:
+        try:
+            old = files.read_json(path)
+        except (OSError, ValueError) as e:
+            raise WorkdirError(
+                f'{path} is unreadable ({e}); repair or delete it, or pass another --workdir.'
+            ) from e
     # A key added to the trainer since the workdir was started ran at its default.
     if defaults is not None:
         flat_defaults = _flatten(config_dict(defaults))
@@ -159,6 +168,16 @@ def check_config(
         'with --allow_config_change to continue it with this one, or pass '
         'another --workdir.'
     )
+
+
+def restore_config(workdir: str, recorded: dict, step: int) -> None:
+    """Rewrites a missing ``config.json`` from the config recorded with checkpoint ``step``."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(path):
+        return
+    files.write_json(path, recorded)
+    logging.warning('%s was missing; restored it from the record of the checkpoint at step %d.',
+                    path, step)
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -15,6 +15,7 @@ other bad input of the trainer. The exit codes (``runtime/errors.py``) are the s
 """
 
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -56,7 +57,12 @@ def exit_on_run_errors():
     except nonfinite.NonFiniteError as e:
         fail(e, EXIT_NONFINITE)
     except errors.EnvironmentFailure as e:
-        fail(e, EXIT_ENVIRONMENT)
+        # At once: orbax's background threads of a failed save wait minutes for a signal that
+        # never comes, and the interpreter would join them before exiting.
+        print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_ENVIRONMENT)
     except preemption.Interrupted as e:
         fail(e, e.exit_code)
     except preemption.Preempted as e:

@@ -14,7 +14,10 @@ import ml_collections
 from experiments.image_classification import data, models
 from experiments.image_classification.models import pyramidnet, wide_resnet
 from experiments.runtime import imports
-from experiments.runtime.config_check import choice, fail, in_range, number
+from experiments.runtime.config_check import choice, fail, in_range, number, seed
+
+# The built-in models' size arguments (channels, units, layers): integers >= 1.
+SIZE_KWARGS = ('width', 'hidden', 'depth', 'widen_factor', 'base_width')
 
 # Per dataset: (training examples, image side); what the checks below need.
 DATASET_SHAPES = {
@@ -51,7 +54,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_data(config) -> None:
     in_range(config, 'label_noise', '[0, 1)', ' (the fraction of labels flipped)')
-    number(config, 'noise_seed', integer=True)
+    seed(config, 'noise_seed')
     in_range(config, 'cutout_prob', '[0, 1]')
     if config.dataset not in DATASET_SHAPES:  # an import path: checked once it is loaded
         return
@@ -120,12 +123,31 @@ def _check_model(config) -> None:
             f'model_kwargs.{unknown[0]}',
             f'is not an argument of {config.model}; valid: {", ".join(fields) or "none"}.',
         )
+    if not imports.is_import_path(config.model):
+        _check_sizes(kwargs)
     for key, fixed in models.named_kwargs(config.model).items():
         if key in kwargs and kwargs[key] != fixed:  # a named architecture's own values
             fail(f'model_kwargs.{key}', f'={kwargs[key]!r} contradicts --config.model='
                   f'{config.model} ({key}={fixed!r}); use --config.model=wrn or pyramidnet '
                   f'to set {key}.')
     _check_architecture(models.get_model(config.model, 10, **kwargs))
+
+
+def _check_sizes(kwargs: dict) -> None:
+    # Checked before the model is built: a width of 0 would divide by zero in its initialiser.
+    for key in SIZE_KWARGS:
+        value = kwargs.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            fail(f'model_kwargs.{key}', f'must be an integer >= 1, got {value!r}.')
+    alpha = kwargs.get('alpha', 0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < 1e6:
+        fail('model_kwargs.alpha', f'must be a number in [0, 1e6) (the widening over the '
+                                   f'network, e.g. 270), got {alpha!r}.')
+    rate = kwargs.get('dropout_rate', 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        fail('model_kwargs.dropout_rate', f'must be in [0, 1), got {rate!r}.')
+    if not isinstance(kwargs.get('bottleneck', False), bool):
+        fail('model_kwargs.bottleneck', f'must be True or False, got {kwargs["bottleneck"]!r}.')
 
 
 def _check_architecture(model) -> None:

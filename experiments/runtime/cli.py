@@ -1,16 +1,25 @@
-"""Command-line plumbing shared by the entry points: flag errors as one line and exit code 2.
+"""Command-line plumbing shared by the entry points: every expected failure is one line.
 
 ``app.run(main, flags_parser=cli.parse_flags)`` replaces absl's usage dump (exit code 1) and
-ml_collections' tracebacks (a missing config file, an unknown ``--config.KEY``) with one line
-on stderr that names the flag, and exit code 2, like every other bad input of the trainer.
-The exit codes (``runtime/errors.py``) are the same for ``experiments.train``, ``experiments.demo``
-and ``experiments.reproduce``: 0 done or preempted (resumable), 2 bad input (flags, config,
-workdir, checkpoint, data), 3 non-finite training (see ``runtime/nonfinite.py``).
+ml_collections' tracebacks (a missing config file, one without ``get_config``, an unknown
+``--config.KEY``) with one line on stderr that names the flag, and exit code 2, like every
+other bad input of the trainer. The exit codes (``runtime/errors.py``) are the same for
+``experiments.train``, ``experiments.demo`` and ``experiments.reproduce``:
+
+- 0: done, or preempted after a checkpoint (rerun the command to resume);
+- 2: bad input (flags, config, workdir, checkpoint, data);
+- 3: non-finite training (see ``runtime/nonfinite.py``);
+- 4: the environment refused a write (disk full, file-size limit, unwritable folder); the
+  traceback is in ``WORKDIR/error.log``;
+- 128 + N: stopped at once by a second signal N (130: SIGINT, 143: SIGTERM).
 """
 
 import contextlib
+import os
 import re
+import signal
 import sys
+import threading
 
 from absl import flags
 
@@ -18,6 +27,7 @@ from experiments.runtime import errors, nonfinite, preemption
 
 EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
 EXIT_NONFINITE = errors.EXIT_NONFINITE
+EXIT_ENVIRONMENT = errors.EXIT_ENVIRONMENT
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
@@ -31,14 +41,30 @@ def exit_on_run_errors():
     """Turns the expected failures of a training run into one line and an exit code.
 
     Bad input (data not prepared, config, workdir, checkpoint, distributed flags) exits 2,
-    non-finite training 3, and a preemption prints how to resume and exits 0.
+    non-finite training 3, a write the machine refuses 4 (``errors.EnvironmentFailure``), a
+    second signal 128 + N (``preemption.exits_at_once``), and a preemption prints how to resume
+    and exits 0. SIGXFSZ is ignored meanwhile, so that a write past the file-size limit
+    (``ulimit -f``) fails with ``EFBIG`` and is reported like a full disk, instead of killing
+    the process.
     """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        yield
+        with preemption.exits_at_once():
+            yield
     except errors.BadInputError as e:
         fail(e)
     except nonfinite.NonFiniteError as e:
         fail(e, EXIT_NONFINITE)
+    except errors.EnvironmentFailure as e:
+        # At once: orbax's background threads of a failed save wait minutes for a signal that
+        # never comes, and the interpreter would join them before exiting.
+        print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_ENVIRONMENT)
+    except preemption.Interrupted as e:
+        fail(e, e.exit_code)
     except preemption.Preempted as e:
         print(e)
         sys.exit(0)
@@ -53,6 +79,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     load_error = _config_load_error()
     if load_error:
         fail(load_error)
+    none_error = _config_returned_none(argv)
+    if none_error:
+        fail(none_error)
     if len(rest) > 1:
         fail(f'unexpected arguments: {" ".join(rest[1:])}; flags take the form --name=value.')
     return rest
@@ -72,12 +101,16 @@ def _config_load_error() -> str | None:
 
 def _describe(error: Exception, argv: list[str]) -> str:
     message = str(error)
+    if isinstance(error, AttributeError) and "has no attribute 'get_config'" in message:
+        return (f'--config={_config_file(argv)} has no get_config(); a config file defines '
+                'get_config() returning an ml_collections.ConfigDict.')
     missing = re.fullmatch(
         r'flag --(\S+)=None: Flag --\S+ must have a value other than None\.', message
     )
     if missing:
         name = missing.group(1)
-        return f'--{name} is required ({flags.FLAGS[name].help.rstrip(".")}).'
+        required = f'--{name} is required ({flags.FLAGS[name].help.rstrip(".")}).'
+        return _config_returned_none(argv) or required
     unknown = re.fullmatch(r"Unknown command line flag '([^']+)'.*", message, re.DOTALL)
     if unknown:
         return f'unknown flag --{unknown.group(1)}; --helpfull lists the flags.'
@@ -93,6 +126,26 @@ def _describe(error: Exception, argv: list[str]) -> str:
     if isinstance(error, flags.Error):
         return message
     return f'the config file could not be loaded: {type(error).__name__}: {message}'
+
+
+def _config_returned_none(argv: list[str]) -> str | None:
+    """The error of a config file whose ``get_config()`` returned None (ml_collections only
+    warns, and the run would then fail on a missing ``--config``)."""
+    config_file = _config_file(argv)
+    if config_file is None or 'config' not in flags.FLAGS or flags.FLAGS['config'].value:
+        return None
+    return (f'--config={config_file}: its get_config() returned None; it must return an '
+            'ml_collections.ConfigDict (a missing return statement?).')
+
+
+def _config_file(argv: list[str]) -> str | None:
+    """The value of ``--config`` in ``argv`` (``--config=F`` or ``--config F``)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith('--config='):
+            return arg.partition('=')[2]
+        if arg == '--config' and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
 
 
 def _override_naming(key: str, argv: list[str]) -> str:

@@ -8,7 +8,7 @@ hyperparameters are the validation, so the trainer never disagrees with it). Wha
 the data itself (e.g. a batch larger than a tiny mock split) is checked where it is loaded.
 
 The small helpers (:func:`number`, :func:`at_least`, :func:`in_range`, :func:`choice`,
-:func:`fail`) are the ones every task's check uses.
+:func:`seed`, :func:`fail`) are the ones every task's check uses.
 """
 
 import math
@@ -59,6 +59,18 @@ def in_range(config, key: str, interval: str, hint: str = '') -> None:
         fail(key, f'must be in {interval}, got {value}{hint}.')
 
 
+# Seeds jax.random.key takes without truncating them (it keeps the low 32 bits of larger ones).
+SEED_RANGE = (0, 2**32)
+
+
+def seed(config, key: str) -> int:
+    """Refuses a seed outside :data:`SEED_RANGE` (an integer in [0, 2**32))."""
+    value = number(config, key, integer=True)
+    if not SEED_RANGE[0] <= value < SEED_RANGE[1]:
+        fail(key, f'must be an integer in [0, 2**32), got {value}.')
+    return value
+
+
 def check(task, config: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` for the first invalid value of ``config`` (one line).
 
@@ -105,7 +117,7 @@ def check_runtime(config: ml_collections.ConfigDict) -> None:
         raise errors.ConfigError(
             'Set --config.num_epochs or --config.num_train_steps to a value > 0.')
     number(config, 'eval_every_steps', integer=True)
-    number(config, 'seed', integer=True)
+    seed(config, 'seed')
     for key, what in (('ascent_group_size', 'whole batch'), ('data_shards', 'one per device')):
         value = number(config, key, integer=True) if key in config else 0
         if value < 0 or (value and config.batch_size % value):

@@ -38,6 +38,7 @@ from experiments.runtime import (
     config_check,
     distributed,
     errors,
+    failures,
     metrics,
     nonfinite,
     optimizers,
@@ -133,25 +134,34 @@ def train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *,
 
     Raises:
       errors.BadInputError: an invalid config value (``errors.ConfigError``), a workdir held
-        by another run or started with another config, checkpoints that do not fit or none
-        readable, data not prepared.
+        by another run, started with another config or too long a path, checkpoints that do
+        not fit or none readable, data not prepared. A workdir this call created is removed
+        again when it holds nothing.
+      errors.EnvironmentFailure: the machine refused a write (disk full, file-size limit, an
+        unwritable folder); the traceback is in ``WORKDIR/error.log`` (``runtime/failures.py``).
+      preemption.Interrupted: a second signal stopped the run at once.
       nonfinite.NonFiniteError: a non-finite loss, gradient or state; nothing was saved of it.
       preemption.Preempted: a signal stopped the run after checkpointing it.
     """
     config_check.check(task, config)
     if stop_at_step is not None and stop_at_step < 1:
         raise ValueError(f'stop_at_step must be None or an int >= 1, got {stop_at_step!r}.')
-    workdir_lib.create(workdir)
-    with workdir_lib.lock(workdir, enabled=distributed.is_main_process()), \
-            preemption.Guard(sync_every=config.log_every_steps) as stop:
-        record = checkpointing.latest_record(workdir)
-        recorded_config = record.get('config') if record else None
-        if recorded_config is not None and distributed.is_main_process():
-            workdir_lib.restore_config(workdir, recorded_config, record['step'])
-        workdir_lib.check_config(workdir, config, defaults=task.default_config(),
-                                 allow_change=allow_config_change, recorded=recorded_config)
-        summary = _train_and_evaluate(task, config, workdir, stop_at_step=stop_at_step,
-                                      stop=stop)
+    created = workdir_lib.create(workdir)
+    try:
+        with workdir_lib.lock(workdir, enabled=distributed.is_main_process()), \
+                failures.reported(workdir), \
+                preemption.Guard(sync_every=config.log_every_steps) as stop:
+            record = checkpointing.latest_record(workdir)
+            recorded_config = record.get('config') if record else None
+            if recorded_config is not None and distributed.is_main_process():
+                workdir_lib.restore_config(workdir, recorded_config, record['step'])
+            workdir_lib.check_config(workdir, config, defaults=task.default_config(),
+                                     allow_change=allow_config_change, recorded=recorded_config)
+            summary = _train_and_evaluate(task, config, workdir, stop_at_step=stop_at_step,
+                                          stop=stop)
+    except BaseException:
+        workdir_lib.remove_if_unused(workdir, created)  # e.g. data not prepared: no empty one
+        raise
     if stop.stopped and not summary['completed']:
         raise preemption.Preempted(summary['steps'], stop.signal_name or 'another process')
     return summary

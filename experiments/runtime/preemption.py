@@ -4,12 +4,19 @@ While a :class:`Guard` is active, the first SIGTERM or SIGINT only sets a flag (
 stderr); the loop reads it after each step (a Python bool: no device sync), saves a
 checkpoint, waits for it to be written and raises :class:`Preempted`, which the CLI turns into
 ``Preempted at step N; rerun the same command to resume.`` and exit code 0. A second signal
-while the first is pending acts as it would without the guard (SIGINT: KeyboardInterrupt).
+while the first is pending stops the run at once. Under the entry points
+(:func:`exits_at_once`) the process prints one line and ends with exit code 128 + N (130 for
+SIGINT, 143 for SIGTERM) right in the handler, as a ``kill -9`` would: checkpoints completed
+before are kept, a save it cut short is left as an orbax temporary folder, never read and
+removed by the next run. (Raising from the handler would not do: Python runs handlers inside
+garbage-collection callbacks too, where an exception is printed and ignored.) Called as a
+library, the handler raises :class:`Interrupted`, a ``KeyboardInterrupt``.
 
 In a multi-process run every process must stop at the same step, so the flags are combined
 across processes, only every ``sync_every`` steps (a host sync the loop makes anyway).
 """
 
+import contextlib
 import os
 import signal
 import threading
@@ -18,7 +25,21 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from experiments.runtime import errors
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_exit_at_once = False  # set by exits_at_once(): the entry points' policy for a second signal
+
+
+@contextlib.contextmanager
+def exits_at_once():
+    """While active, a second signal ends the process at once (one line, exit 128 + N)."""
+    global _exit_at_once
+    previous, _exit_at_once = _exit_at_once, True
+    try:
+        yield
+    finally:
+        _exit_at_once = previous
 
 
 class Preempted(KeyboardInterrupt):
@@ -33,6 +54,21 @@ class Preempted(KeyboardInterrupt):
         )
         self.step = step
         self.signal_name = signal_name
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second SIGTERM / SIGINT stopped the run at once (exit code 128 + the signal number).
+
+    A ``KeyboardInterrupt``, so that callers catching ``Exception`` do not swallow it.
+    """
+
+    def __init__(self, signal_name: str):
+        super().__init__(
+            f'Stopped at once by a second {signal_name}; the checkpoints completed before are '
+            'kept (an unfinished save is discarded); rerun the same command to resume.'
+        )
+        self.signal_name = signal_name
+        self.exit_code = errors.exit_code_of_signal(signal.Signals[signal_name])
 
 
 class Guard:
@@ -50,6 +86,7 @@ class Guard:
         self.signal_name = None
         self.stopped = False  # should_stop said so: on every process of a multi-process run
         self._previous = {}
+        self._interrupted = False
 
     @property
     def requested(self) -> bool:
@@ -68,14 +105,14 @@ class Guard:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second signal: do what would have happened without the guard
-            previous = self._previous.get(signum)
-            previous = signal.SIG_DFL if previous is None else previous  # None: not Python's
-            signal.signal(signum, previous)
-            if callable(previous):
-                previous(signum, frame)
-            else:
-                os.kill(os.getpid(), signum)
+        if self.requested:  # a second signal stops at once; later ones let it unwind
+            if not self._interrupted:
+                self._interrupted = True
+                interrupted = Interrupted(signal.Signals(signum).name)
+                if _exit_at_once:
+                    os.write(2, f'\nerror: {interrupted}\n'.encode())
+                    os._exit(interrupted.exit_code)
+                raise interrupted
             return
         self.signal_name = signal.Signals(signum).name
         # os.write, not print: a handler may run while another print holds stderr's lock.

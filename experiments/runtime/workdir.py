@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import os
+import socket
 
 import ml_collections
 from absl import logging
@@ -23,6 +24,16 @@ from experiments.runtime import errors, files
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
+# Longest names the run writes under WORKDIR (the orbax names are those of a save in progress;
+# 20 digits hold any step or timestamp orbax appends). The tensorboard event file is added with
+# this machine's host name.
+_DIGITS = '0' * 20
+_LONGEST_WRITES = (
+    f'checkpoints/{_DIGITS}.orbax-checkpoint-tmp-{_DIGITS}/default.orbax-checkpoint-tmp-'
+    f'{_DIGITS}/ocdbt.process_{_DIGITS}/d/{"0" * 32}.tmp',
+    f'checkpoints_unreadable/{_DIGITS}/default/ocdbt.process_{_DIGITS}/d/{"0" * 32}',
+    f'checkpoints/{_DIGITS}/default/array_metadatas/process_{_DIGITS}.tmp',
+)
 # Keys that change what is logged, evaluated or checkpointed and when, but never the params:
 # a run may continue with other values for them.
 EXEMPT_KEYS = (
@@ -41,22 +52,53 @@ class WorkdirError(errors.BadInputError):
     """The workdir cannot take this run; the message is one line and names the fix."""
 
 
-def create(workdir) -> None:
+def create(workdir) -> str | None:
     """Creates the folder ``workdir`` (and its parents) if needed.
 
+    Returns:
+      The top-most folder this call created (``workdir`` or one of its parents), or None when
+      ``workdir`` existed: what :func:`remove_if_unused` may remove again.
+
     Raises:
-      WorkdirError: ``workdir`` is not a path, is a file, or cannot be created.
+      WorkdirError: ``workdir`` is not a path, is a file, is too long for the file system
+        (:func:`check_path_length`), or cannot be created.
     """
     if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
         raise WorkdirError(f'--workdir must be a folder path, got {workdir!r}.')
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise WorkdirError(f'--workdir {workdir} is a file, not a folder; pass a folder.')
+    check_path_length(workdir)
+    top = None
+    parent = os.path.abspath(workdir)
+    while not os.path.exists(parent):
+        top, parent = parent, os.path.dirname(parent)
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
         raise WorkdirError(
             f'Cannot create --workdir {workdir} ({e.strerror}); pass a folder you can write to.'
         ) from e
+    return top
+
+
+def remove_if_unused(workdir: str, created: str | None) -> None:
+    """Removes ``workdir`` and the parents up to ``created`` when they hold nothing but the lock.
+
+    For a run that created its workdir and failed before writing anything (a config value
+    checked late, data not prepared): it leaves no empty workdir behind.
+    """
+    if created is None or not os.path.isdir(workdir):
+        return
+    if set(os.listdir(workdir)) - {LOCK_FILE}:
+        return
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(workdir, LOCK_FILE))
+        folder = os.path.abspath(workdir)
+        while True:
+            os.rmdir(folder)  # fails, and stops, at a folder that holds something
+            if folder == created:
+                break
+            folder = os.path.dirname(folder)
 
 
 @contextlib.contextmanager
@@ -70,12 +112,20 @@ def lock(workdir: str, *, enabled: bool = True):
 
     Raises:
       WorkdirError: another live process holds the lock.
+      errors.EnvironmentFailure: the workdir cannot be written (read-only, no permission).
     """
     if not enabled:
         yield
         return
     path = os.path.join(workdir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise errors.EnvironmentFailure(
+            f'Cannot write to --workdir {workdir} ({e.strerror}); make it writable or pass '
+            'another --workdir.', e.errno) from e
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -187,3 +237,29 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         config.to_json_best_effort(indent=2, sort_keys=True) + '\n',
     )
 
+
+def check_path_length(workdir: str) -> None:
+    """Refuses ``workdir`` when a path the run writes there would exceed the OS limits.
+
+    Raises:
+      WorkdirError: a component of ``workdir`` is longer than the file system's name
+        limit, or ``workdir`` leaves no room for the run's longest path (PC_PATH_MAX).
+    """
+    path = os.path.abspath(os.fspath(workdir))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    name_max, path_max = (os.pathconf(existing, key) for key in ('PC_NAME_MAX', 'PC_PATH_MAX'))
+    long_names = [name for name in path.split(os.sep) if len(name.encode()) > name_max]
+    if long_names:
+        raise WorkdirError(
+            f'--workdir has a folder name of {len(long_names[0].encode())} bytes, over the file '
+            f"system's limit of {name_max}; pass a --workdir with shorter names.")
+    tensorboard = f'tensorboard/events.out.tfevents.{_DIGITS}.{socket.gethostname()}.{_DIGITS}'
+    longest = max(len(name.encode()) for name in (*_LONGEST_WRITES, tensorboard))
+    length = len(path.encode()) + 1 + longest
+    if length >= path_max:
+        raise WorkdirError(
+            f'--workdir is {len(path.encode())} bytes long (absolute); the run writes paths of '
+            f"up to {length} bytes there, over the file system's limit of {path_max - 1}; pass "
+            f'a --workdir of at most {path_max - 2 - longest} bytes.')

@@ -38,21 +38,37 @@ def test_trainer_on_8_simulated_devices():
 
 
 def start_two_processes(args, workdir):
+    """Starts process 0 and 1; their output goes to files, never to pipes: a process blocked
+    on a full pipe nobody reads stalls the other at the next collective."""
     address = f'127.0.0.1:{free_port()}'
-    return [subprocess.Popen(
-        cli_command([*args, '--workdir', str(workdir), f'--coordinator_address={address}',
-                     '--num_processes=2', f'--process_id={i}', '--distributed_timeout_s=120'],
-                    mock_examples=64),
-        cwd=REPO, env=cli_env(devices_env(2)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for i in range(2)]
+    procs = []
+    for i in range(2):
+        logs = [open(workdir.parent / f'{workdir.name}.{i}.{s}', 'w+') for s in ('out', 'err')]
+        procs.append(subprocess.Popen(
+            cli_command([*args, '--workdir', str(workdir), f'--coordinator_address={address}',
+                         '--num_processes=2', f'--process_id={i}',
+                         '--distributed_timeout_s=120'], mock_examples=64),
+            cwd=REPO, env=cli_env(devices_env(2)), stdout=logs[0], stderr=logs[1], text=True))
+        procs[-1].logs = logs
+    return procs
 
 
 def finish(procs, timeout=300):
+    """Waits for ``procs``; returns the (stdout, stderr) each wrote since it started."""
     try:
-        return [p.communicate(timeout=timeout) for p in procs]
+        for p in procs:
+            p.wait(timeout=timeout)
+        outs = []
+        for p in procs:
+            for f in p.logs:
+                f.seek(0)
+            outs.append(tuple(f.read() for f in p.logs))
+        return outs
     finally:
         for p in procs:  # never leave a process behind, whatever failed
             p.kill()
+            for f in p.logs:
+                f.close()
 
 
 def wait_for_logged_step(workdir, step, procs, timeout=300):

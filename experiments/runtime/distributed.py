@@ -174,5 +174,43 @@ def combine_across_processes(x: np.ndarray, op: Callable = np.sum) -> np.ndarray
     return op(np.asarray(gathered).reshape(-1, *np.shape(x)), axis=0)
 
 
+_MESSAGE_CHARS = 2000
+
+
+def raise_on_every_process(error: Exception | None) -> None:
+    """Raises on every process the error that process 0 hit; ``None``: it hit none.
+
+    A run that process 0 refuses (say its workdir is locked by another run) must stop on every
+    process with the same one line and exit code, not leave the others waiting at their first
+    collective until the distributed timeout. Process 0 raises ``error`` itself; the others
+    raise an error of the same kind (:class:`errors.BadInputError` or
+    :class:`errors.EnvironmentFailure`, so the same exit code) with its message. With one
+    process this raises ``error``, if any, and communicates nothing.
+
+    Args:
+      error: what process 0 hit (ignored on the other processes), one of the two kinds above.
+    """
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    # [kind, errno, message as one code point per entry]: 0 none, 1 bad input, 2 environment.
+    shared = np.zeros(2 + _MESSAGE_CHARS, np.int32)
+    if is_main_process() and error is not None:
+        environment = isinstance(error, errors.EnvironmentFailure)
+        text = np.array([ord(c) for c in str(error)[:_MESSAGE_CHARS]], np.int32)
+        shared[:2] = (2, error.errno) if environment else (1, 0)
+        shared[2:2 + len(text)] = text
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(shared))
+    if is_main_process() and error is not None:
+        raise error
+    kind, errno = int(shared[0]), int(shared[1])
+    message = ''.join(map(chr, np.trim_zeros(shared[2:], 'b')))
+    if kind == 1:
+        raise errors.BadInputError(message)
+    if kind == 2:
+        raise errors.EnvironmentFailure(message, errno)
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0

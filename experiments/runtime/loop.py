@@ -23,6 +23,7 @@ backend. A one-pass link's run evaluates, checksums and summarises the unperturb
 (``vasso_jax.unperturbed_params``); its checkpoints hold the held params and the state.
 """
 
+import contextlib
 import hashlib
 import os
 import time
@@ -148,7 +149,7 @@ def train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *,
         raise ValueError(f'stop_at_step must be None or an int >= 1, got {stop_at_step!r}.')
     created = workdir_lib.create(workdir)
     try:
-        with workdir_lib.lock(workdir, enabled=distributed.is_main_process()), \
+        with _locked(workdir), \
                 failures.reported(workdir), \
                 preemption.Guard(sync_every=config.log_every_steps) as stop:
             record = checkpointing.latest_record(workdir)
@@ -165,6 +166,21 @@ def train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *,
     if stop.stopped and not summary['completed']:
         raise preemption.Preempted(summary['steps'], stop.signal_name or 'another process')
     return summary
+
+
+@contextlib.contextmanager
+def _locked(workdir: str):
+    """Process 0 locks ``workdir`` for the run (the others share it); when it cannot, every
+    process stops with its one line (``distributed.raise_on_every_process``)."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if distributed.is_main_process():
+            try:
+                stack.enter_context(workdir_lib.lock(workdir))
+            except (errors.BadInputError, errors.EnvironmentFailure) as e:
+                refused = e
+        distributed.raise_on_every_process(refused)
+        yield
 
 
 def _mesh_and_shards(config):

@@ -102,21 +102,17 @@ def remove_if_unused(workdir: str, created: str | None) -> None:
 
 
 @contextlib.contextmanager
-def lock(workdir: str, *, enabled: bool = True):
+def lock(workdir: str):
     """Holds an exclusive lock on ``workdir`` while the ``with`` block runs.
 
     Args:
-      workdir: an existing folder.
-      enabled: False makes this a no-op (e.g. on processes other than 0 of a multi-process
-        run, which share process 0's workdir).
+      workdir: an existing folder. In a multi-process run, process 0 alone holds it
+        (``runtime/loop.py``).
 
     Raises:
       WorkdirError: another live process holds the lock.
       errors.EnvironmentFailure: the workdir cannot be written (read-only, no permission).
     """
-    if not enabled:
-        yield
-        return
     path = os.path.join(workdir, LOCK_FILE)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

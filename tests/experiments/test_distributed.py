@@ -13,6 +13,7 @@ import pytest
 from experiments.configs import digits_resnet
 from experiments.image_classification import task
 from experiments.runtime import errors, metrics
+from experiments.runtime import workdir as workdir_lib
 from tests.experiments.conftest import REPO, cli_command, cli_env, run_cli
 
 TINY = ['--config.model_kwargs.width=4', '--config.progress_bar=False']
@@ -88,6 +89,8 @@ def wait_for_logged_step(workdir, step, procs, timeout=300):
 def test_two_processes_preempt_fall_back_resume_and_match_one_process(tmp_path):
     """2 processes x 2 devices over loopback, the real CLI on mock TFDS data, in one story:
 
+    0. while another live run holds the workdir, both processes refuse at once with its one
+       line and exit 2 (process 0 holds the lock for all; none waits at a collective);
     1. SIGTERM to one process stops both at the same step, both checkpointed (preemption);
     2. the rerun finds that step damaged: both processes skip it with a warning, resume from
        the step before, and process 0 alone moves it aside (checkpoint fallback);
@@ -104,6 +107,17 @@ def test_two_processes_preempt_fall_back_resume_and_match_one_process(tmp_path):
             '--config.checkpoint_every_steps=2', '--config.keep_checkpoints=3',
             '--config.eval_every_steps=1000', '--verbosity=0', *TINY]
     workdir = tmp_path / 'two'
+    workdir.mkdir()
+    with workdir_lib.lock(str(workdir)):
+        procs = start_two_processes(args, workdir)
+        outs = finish(procs, timeout=120)
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            f'error: Workdir {workdir} is in use by another run (pid {os.getpid()}); wait '
+            'for it to end or pass another --workdir.'), err[-3000:]
+    assert os.listdir(workdir) == ['.lock']  # nothing written by the refused run
+
     procs = start_two_processes(args, workdir)
     try:
         wait_for_logged_step(workdir, 4, procs)  # checkpoints 2 and 4 exist or are being saved

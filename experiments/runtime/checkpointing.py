@@ -36,6 +36,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from experiments.runtime import errors, files, migration
 
@@ -235,6 +236,9 @@ def _set_aside(
         target,
         resumed_from,
     )
+    # Process 0 moves the step while the others wait on both sides: none may still be reading
+    # it, nor list the folder half-moved (orbax's reload stats every step it lists).
+    _barrier(f'set aside {step}: tried')
     if jax.process_index() == 0:
         if os.path.exists(target):
             shutil.rmtree(target)
@@ -243,7 +247,14 @@ def _set_aside(
         record = _record_path(manager.directory, step)
         if os.path.exists(record):  # kept with its step; a new save of the step writes anew
             os.replace(record, os.path.join(target, 'record.json'))
+    _barrier(f'set aside {step}: moved')
     manager.reload()
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process of a multi-process run to get here; nothing with one process."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _fits(manager: ocp.CheckpointManager, step: int) -> bool:

@@ -96,10 +96,7 @@ class ClassificationRun:
     def make_train_step(self, tx, state):
         config, run_data = self.config, self.data
         self.diagnostics = optimizers.link_diagnostics(state.opt_state)
-        augment_fn = functools.partial(
-            augment_lib.augment, mean=run_data.mean, std=run_data.std,
-            crop_padding=config.crop_padding, flip=config.flip, cutout_size=config.cutout_size,
-            cutout_prob=config.cutout_prob)
+        augment_fn = augment_lib.from_config(config, mean=run_data.mean, std=run_data.std)
         return steps.make_train_step(
             self.model, tx, augment_fn, num_classes=run_data.num_classes,
             batch_size=config.batch_size, epoch_steps=self.epoch_steps,

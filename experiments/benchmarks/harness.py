@@ -105,16 +105,8 @@ def synthetic_split(
 
 def make_augment_fn(recipe: str = 'cifar') -> Callable:
     """The CIFAR recipe's augmentation (crop 4, flip, Cutout 16 at p = 0.5)."""
-    config = bench_config('sgd', recipe=recipe)
-    return functools.partial(
-        augment_lib.augment,
-        mean=CIFAR_MEAN,
-        std=CIFAR_STD,
-        crop_padding=config.crop_padding,
-        flip=config.flip,
-        cutout_size=config.cutout_size,
-        cutout_prob=config.cutout_prob,
-    )
+    return augment_lib.from_config(bench_config('sgd', recipe=recipe), mean=CIFAR_MEAN,
+                                   std=CIFAR_STD)
 
 
 def tree_bytes(tree) -> int:

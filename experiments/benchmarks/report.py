@@ -162,11 +162,12 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
     return out
 
 
-def render(results: dict) -> str:
+def provenance(results: dict) -> list[str]:
+    """Markdown lines saying when, how long, with what command and on what machine (and its
+    load) a CPU benchmark ran: ``results``' ``date``, ``seconds``, ``command``, ``machine``
+    (``measure.machine_description()``), ``load_before`` and ``load_after``."""
     machine = results['machine']
-    lines = [
-        '## CPU benchmark (`make bench`)',
-        '',
+    return [
         f'Measured {results["date"]} in {results["seconds"] / 60:.1f} min with',
         '',
         '```bash',
@@ -179,6 +180,14 @@ def render(results: dict) -> str:
         f'- load average (1, 5, 15 min) before: {results["load_before"]}; after: '
         f'{results["load_after"]} (the cores are shared: absolute times are noisy, ratios '
         'less so)',
+    ]
+
+
+def render(results: dict) -> str:
+    lines = [
+        '## CPU benchmark (`make bench`)',
+        '',
+        *provenance(results),
         f'- batch {results["batch_size"]} of synthetic {results["image_shape"]} uint8 images '
         '(no download), augmented on device inside the step (CIFAR recipe: crop 4, flip, '
         'Cutout 16 at p 0.5); base optimiser of every variant: weight '

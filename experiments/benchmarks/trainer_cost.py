@@ -136,19 +136,14 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
 
 
 def render(results: dict) -> str:
-    machine = results['machine']
+    """The section (under BENCHMARKS.md's own heading of issue 14)."""
     lines = [
-        '## Cheaper sharpness-aware steps in the trainer (every_k, one-pass)',
-        '',
-        f'`{results["command"]}`, {results["date"]}, {results["seconds"]:.0f} s; '
-        f'{machine["cpu"]}; {machine["versions"]}. Load average (1, 5, 15 min) before '
-        f'{results["load_before"]}, after {results["load_after"]}: the machine was shared, so '
-        'step times carry that noise; the FLOP ratios do not.',
-        '',
-        f'{results["label"]}, {results["params"]:,} params, batch {results["batch_size"]}; '
+        *report.provenance(results),
+        f'- {results["label"]}, {results["params"]:,} params, batch {results["batch_size"]}; '
         f'{results["warmup"]} warm-up steps (compilation, not timed), then '
         f'{results["rounds"]} interleaved rounds of {results["steps_per_round"]} steps '
-        '(whole every_k cycles); medians over rounds, ratios within each round.',
+        '(whole every_k cycles); medians over rounds, ratios within each round; the ratios of '
+        'XLA\'s FLOP counts do not depend on the load',
         '',
         '| variant | ms/step | x SGD (time) | x SGD (XLA FLOPs) | opt state (MiB) '
         '| extra params-sized buffers vs SGD | compilations / executables |',

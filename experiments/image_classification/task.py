@@ -19,8 +19,8 @@ from absl import logging
 from experiments.configs import default as default_config
 from experiments.image_classification import config_check, data, input_pipeline, models, steps
 from experiments.image_classification.data import augment as augment_lib
-from experiments.runtime import config_check as runtime_check
-from experiments.runtime import distributed, errors, loop, metrics, optimizers
+from experiments.runtime import distributed, errors, metrics, optimizers
+from experiments.runtime import task as runtime_task
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -96,10 +96,7 @@ class ClassificationRun:
     def make_train_step(self, tx, state):
         config, run_data = self.config, self.data
         self.diagnostics = optimizers.link_diagnostics(state.opt_state)
-        augment_fn = functools.partial(
-            augment_lib.augment, mean=run_data.mean, std=run_data.std,
-            crop_padding=config.crop_padding, flip=config.flip, cutout_size=config.cutout_size,
-            cutout_prob=config.cutout_prob)
+        augment_fn = augment_lib.from_config(config, mean=run_data.mean, std=run_data.std)
         return steps.make_train_step(
             self.model, tx, augment_fn, num_classes=run_data.num_classes,
             batch_size=config.batch_size, epoch_steps=self.epoch_steps,
@@ -153,30 +150,9 @@ class ClassificationRun:
         return summary
 
 
-class ImageClassification:
-    """The task: ``experiments/configs/default.py``'s keys, :class:`ClassificationRun`."""
-
-    name = 'image_classification'
-
-    def default_config(self) -> ml_collections.ConfigDict:
-        return default_config.get_config()
-
-    def check_config(self, config: ml_collections.ConfigDict) -> None:
-        config_check.check_config(config)
-
-    def load(self, config, mesh, num_shards: int) -> ClassificationRun:
-        return ClassificationRun(config, mesh, num_shards)
-
-
-TASK = ImageClassification()
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """The whole config check of a classification run (runtime keys, task keys, optimiser)."""
-    runtime_check.check(TASK, config)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
-    """``runtime.loop.train_and_evaluate`` on this task (``stop_at_step``,
-    ``allow_config_change`` as there)."""
-    return loop.train_and_evaluate(TASK, config, workdir, **kwargs)
+TASK = runtime_task.Definition(
+    name='image_classification', default_config=default_config.get_config,
+    check_config=config_check.check_config, load=ClassificationRun)
+# The runtime's whole config check and its run loop, on this task.
+validate_config = TASK.validate_config
+train_and_evaluate = TASK.train_and_evaluate

@@ -24,12 +24,15 @@ reads it once per log interval through ``run.summarize_train``. ``run.evaluate(s
 host floats (accuracy, or BLEU for a translation task, whatever it computes).
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import ml_collections
 import optax
 from jax.sharding import Mesh
+
+from experiments.runtime import config_check, loop
 
 
 class TaskRun(Protocol):
@@ -94,3 +97,33 @@ class Task(Protocol):
 
     def load(self, config: ml_collections.ConfigDict, mesh: Mesh, num_shards: int) -> TaskRun:
         """Reads this process's ``num_shards / mesh.size`` data shards per device."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Definition:
+    """A :class:`Task` from its name and three functions: what a task folder's ``TASK`` is.
+
+    ``validate_config`` and ``train_and_evaluate`` are the runtime's whole check and its run
+    loop bound to this task; a task module exports them under the same names.
+
+    Attributes:
+      name: the task's folder, the value of ``config.task`` that selects it.
+      default_config: ``() -> ConfigDict``, every key at its default.
+      check_config: ``(config) -> None``, raises ``errors.ConfigError`` for a bad task key.
+      load: ``(config, mesh, num_shards) -> TaskRun``, e.g. the run's class.
+    """
+
+    name: str
+    default_config: Callable[[], ml_collections.ConfigDict]
+    check_config: Callable[[ml_collections.ConfigDict], None]
+    load: Callable[[ml_collections.ConfigDict, Mesh, int], TaskRun]
+
+    def validate_config(self, config: ml_collections.ConfigDict) -> None:
+        """The whole config check of a run (runtime keys, task keys, optimiser)."""
+        config_check.check(self, config)
+
+    def train_and_evaluate(self, config: ml_collections.ConfigDict, workdir: str,
+                           **kwargs) -> dict:
+        """``loop.train_and_evaluate`` on this task (``stop_at_step``, ``allow_config_change``
+        as there)."""
+        return loop.train_and_evaluate(self, config, workdir, **kwargs)

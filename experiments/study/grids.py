@@ -120,6 +120,17 @@ _LOG_STABILITY = {'log_stability': True, 'progress_bar': False}
 # The GPU grids' final-model diagnostics (top Hessian eigenvalue, m-sharpness).
 _GPU_DIAGNOSTICS = Diagnostics(num_examples=1024, num_iters=20, m=128, groups_per_step=1,
                                batch_size=256)
+# The CPU grids': a quarter of the examples, groups of 16.
+_CPU_DIAGNOSTICS = Diagnostics(num_examples=256, num_iters=20, m=16)
+
+
+def _paper_gpu_grid(name: str, description: str, configs: tuple[str, ...], *,
+                    overrides: Mapping[str, Any] | None = None, **fields) -> Grid:
+    """A CIFAR grid of the paper's recipe on a GPU: SGD's own weight decay, stability logging
+    (and ``overrides``), the final-model diagnostics; ``fields`` as :class:`Grid`'s."""
+    return Grid(name, description, configs, overrides={**_LOG_STABILITY, **(overrides or {})},
+                optimizer_overrides=_PAPER_OPTIMIZERS, diagnostics=_GPU_DIAGNOSTICS, **fields)
+
 
 # The sensitivity sweep of the Fashion-MNIST study: names -> the optimiser and its values, around
 # the recipe's rho (experiments/configs/fashion_mnist_noise.py) and the paper's theta 0.4.
@@ -133,10 +144,10 @@ _FMNIST_SWEEP = {
 GRIDS: dict[str, Grid] = {
     grid.name: grid
     for grid in (
-        Grid(
-            name='paper_cifar',
-            description='CIFAR-10/100 x ResNet-18 / WRN-28-10 / PyramidNet-110, SGD/SAM/VaSSO, '
-            '3 seeds, the recipe of each config file (GPU).',
+        _paper_gpu_grid(
+            'paper_cifar',
+            'CIFAR-10/100 x ResNet-18 / WRN-28-10 / PyramidNet-110, SGD/SAM/VaSSO, 3 seeds, the '
+            'recipe of each config file (GPU).',
             configs=(
                 'cifar10_resnet18',
                 'cifar10_wrn28_10',
@@ -145,28 +156,21 @@ GRIDS: dict[str, Grid] = {
                 'cifar100_wrn28_10',
                 'cifar100_pyramidnet110',
             ),
-            overrides=_LOG_STABILITY,
-            optimizer_overrides=_PAPER_OPTIMIZERS,
-            diagnostics=_GPU_DIAGNOSTICS,
         ),
-        Grid(
-            name='label_noise',
-            description='CIFAR-10, ResNet-18, symmetric label noise 20/40/60/80%, SGD/SAM/VaSSO, '
-            '3 seeds (GPU).',
+        _paper_gpu_grid(
+            'label_noise',
+            'CIFAR-10, ResNet-18, symmetric label noise 20/40/60/80%, SGD/SAM/VaSSO, 3 seeds '
+            '(GPU).',
             configs=('cifar10_resnet18',),
             label_noise=(0.2, 0.4, 0.6, 0.8),
-            overrides={**_LOG_STABILITY, 'eval_train': True},
-            optimizer_overrides=_PAPER_OPTIMIZERS,
-            diagnostics=_GPU_DIAGNOSTICS,
+            overrides={'eval_train': True},
         ),
-        Grid(
-            name='label_noise_cifar10n',
-            description='CIFAR-10N (human labels, worse_label: ~40% wrong), ResNet-18, '
-            'SGD/SAM/VaSSO, 3 seeds (GPU).',
+        _paper_gpu_grid(
+            'label_noise_cifar10n',
+            'CIFAR-10N (human labels, worse_label: ~40% wrong), ResNet-18, SGD/SAM/VaSSO, 3 '
+            'seeds (GPU).',
             configs=('cifar10_resnet18',),
-            overrides={**_LOG_STABILITY, 'eval_train': True, 'dataset': 'cifar10_n'},
-            optimizer_overrides=_PAPER_OPTIMIZERS,
-            diagnostics=_GPU_DIAGNOSTICS,
+            overrides={'eval_train': True, 'dataset': 'cifar10_n'},
         ),
         Grid(
             name='digits',
@@ -176,7 +180,7 @@ GRIDS: dict[str, Grid] = {
             label_noise=(0.0, 0.2, 0.4, 0.6),
             # 30 epochs, not the demo's 40, so the 36 runs fit in ~30 minutes on two cores.
             overrides={**_LOG_STABILITY, 'num_epochs': 30},
-            diagnostics=Diagnostics(num_examples=256, num_iters=20, m=16),
+            diagnostics=_CPU_DIAGNOSTICS,
         ),
         Grid(
             name='label_noise_fmnist',
@@ -190,7 +194,7 @@ GRIDS: dict[str, Grid] = {
             # ASAM's radius lives on a rescaled space: its authors use ~10x SAM's (CIFAR-10,
             # ResNet: 0.5 against 0.05).
             optimizer_overrides={'asam': {'rho': 10 * _FMNIST_RHO}},
-            diagnostics=Diagnostics(num_examples=256, num_iters=20, m=16),
+            diagnostics=_CPU_DIAGNOSTICS,
         ),
         Grid(
             name='label_noise_fmnist_sweep',

@@ -123,14 +123,15 @@ def run_grid(
     workdir: str,
     *,
     shard: tuple[int, int] = (0, 1),
-    overrides=None,
-    train_fn: Callable = train,
-    diagnostics: bool = True,
     log: Callable = print,
     results_dir: str = '',
-    git_commit: bool = False,
+    **options,
 ) -> list[grids.Cell]:
-    """Runs this process's shard of ``grid`` in order; returns its cells."""
+    """Runs this process's shard of ``grid`` in order; returns its cells.
+
+    ``log``, ``results_dir`` and ``options`` (``overrides``, ``train_fn``, ``diagnostics``,
+    ``git_commit``) are :func:`run_cell`'s, for every cell.
+    """
     os.makedirs(workdir, exist_ok=True)
     todo = grids.shard(grids.cells(grid), *shard)
     if results_dir:
@@ -139,17 +140,7 @@ def run_grid(
             log(f'Restored {len(restored)} finished cells from {results_dir}.')
     for i, cell in enumerate(todo):
         log(f'[{i + 1}/{len(todo)}] {cell.name}')
-        run_cell(
-            grid,
-            cell,
-            workdir,
-            overrides=overrides,
-            train_fn=train_fn,
-            diagnostics=diagnostics,
-            log=log,
-            results_dir=results_dir,
-            git_commit=git_commit,
-        )
+        run_cell(grid, cell, workdir, log=log, results_dir=results_dir, **options)
     return todo
 
 

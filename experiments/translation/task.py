@@ -29,8 +29,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from experiments.configs import iwslt_de_en_transformer
-from experiments.runtime import config_check as runtime_check
-from experiments.runtime import distributed, errors, loop, metrics
+from experiments.runtime import distributed, errors, metrics
+from experiments.runtime import task as runtime_task
 from experiments.runtime.config_check import at_least, choice, fail, in_range, number
 from experiments.translation import bleu, data, decode, steps
 from experiments.translation import model as model_lib
@@ -310,32 +310,9 @@ class TranslationRun:
         }
 
 
-class Translation:
-    """The task: ``experiments/configs/iwslt_de_en_transformer.py``'s keys,
-    :class:`TranslationRun`."""
-
-    name = 'translation'
-
-    def default_config(self) -> ml_collections.ConfigDict:
-        return iwslt_de_en_transformer.get_config()
-
-    def check_config(self, config: ml_collections.ConfigDict) -> None:
-        check_config(config)
-
-    def load(self, config, mesh, num_shards: int) -> TranslationRun:
-        return TranslationRun(config, mesh, num_shards)
-
-
-TASK = Translation()
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """The whole config check of a translation run (runtime keys, task keys, optimiser)."""
-    runtime_check.check(TASK, config)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
-    """``runtime.loop.train_and_evaluate`` on this task (``stop_at_step``,
-    ``allow_config_change`` as there)."""
-    return loop.train_and_evaluate(TASK, config, workdir, **kwargs)
-
+TASK = runtime_task.Definition(
+    name='translation', default_config=iwslt_de_en_transformer.get_config,
+    check_config=check_config, load=TranslationRun)
+# The runtime's whole config check and its run loop, on this task.
+validate_config = TASK.validate_config
+train_and_evaluate = TASK.train_and_evaluate

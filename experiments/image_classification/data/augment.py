@@ -12,6 +12,7 @@ hole at the input's average, and it makes the crop a pure shift of the normalise
 """
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +98,23 @@ def augment(
         cutout_size=int(cutout_size),
         cutout_prob=float(cutout_prob),
     )
+
+
+def from_config(config, *, mean: jax.Array, std: jax.Array) -> Callable:
+    """:func:`augment` with a run's recipe: ``fn(key, images)``.
+
+    Args:
+      config: a config with ``crop_padding``, ``flip``, ``cutout_size`` and ``cutout_prob``
+        (``experiments/configs/default.py``'s keys).
+      mean: the dataset's per-channel mean of ``x / 255``.
+      std: the dataset's per-channel standard deviation of ``x / 255``.
+
+    Returns:
+      :func:`augment` with every keyword but the key and the images fixed.
+    """
+    return functools.partial(
+        augment, mean=mean, std=std, crop_padding=config.crop_padding, flip=config.flip,
+        cutout_size=config.cutout_size, cutout_prob=config.cutout_prob)
 
 
 def _check_args(images, mean, std, crop_padding, cutout_size, cutout_prob) -> None:

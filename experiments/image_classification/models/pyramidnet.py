@@ -60,7 +60,8 @@ class PyramidNet(nn.Module):
         110 gives 18 basic blocks per stage.
       alpha: total widening over the network (270 for PyramidNet-110, alpha=270).
       bottleneck: use bottleneck blocks (4x expansion), as in PyramidNet-272 (alpha=200).
-      base_width: channels of the stem (16 in the paper; tests use 2-4).
+      base_width: channels of the stem, which each of the ``N`` blocks widens by
+        ``alpha / N`` (16 in the paper; tests use 2-4).
       dtype: compute dtype (e.g. ``jnp.bfloat16``). Parameters and logits stay float32.
 
     ``__call__(x, train)`` takes NHWC float images and returns float32 logits of shape

@@ -56,7 +56,8 @@ class WideResNet(nn.Module):
       dropout_rate: dropout between the two convolutions of each block; a non-zero rate
         needs a ``'dropout'`` PRNG key in ``apply(..., rngs={'dropout': key})`` when training.
       shortcut: ``'projection'`` (default) or ``'zero_pad'``; see the module docstring.
-      base_width: channels of the stem (16 in the paper; tests use 2-4).
+      base_width: channels of the stem; the stages have ``base_width * widen_factor * (1, 2,
+        4)`` (16 in the paper; tests use 2-4).
       dtype: compute dtype (e.g. ``jnp.bfloat16``). Parameters and logits stay float32.
 
     ``__call__(x, train)`` takes NHWC float images and returns float32 logits of shape
@@ -64,10 +65,12 @@ class WideResNet(nn.Module):
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> model = WideResNet(num_classes=10, depth=16, widen_factor=4)  # WRN-16-4
+      >>> model = WideResNet(num_classes=10, depth=16, widen_factor=4, dropout_rate=0.3)
       >>> x = jnp.zeros((2, 32, 32, 3))
-      >>> logits, variables = jax.eval_shape(
-      ...     lambda: model.init_with_output(jax.random.key(0), x, train=False))
+      >>> variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+      >>> train_step = lambda v: model.apply(v, x, train=True, mutable=['batch_stats'],
+      ...                                    rngs={'dropout': jax.random.key(1)})
+      >>> logits, _ = jax.eval_shape(train_step, variables)  # WRN-16-4, dropout 0.3
       >>> logits.shape
       (2, 10)
 

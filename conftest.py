@@ -6,6 +6,8 @@
   run that repeats an earlier one (a resume, a rerun after a fault) skips its compiling. The
   test processes themselves do not use it, so the tests that count compilations in-process
   still see every one. The folder is removed when the session ends.
+- The slow tests run first: pytest-xdist then spreads them over its workers and fills in
+  with the fast ones, instead of one worker finishing a long test alone at the end.
 """
 
 import importlib.util
@@ -32,3 +34,7 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if getattr(config, '_vasso_jax_owns_xla_cache', False):
         shutil.rmtree(os.environ.pop(XLA_CACHE_ENV), ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker('slow') is None)  # stable: in order

@@ -13,6 +13,7 @@ import pytest
 
 import vasso_jax
 from experiments.benchmarks import every_k_accuracy, harness, measure, report, run
+from experiments.study import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = harness.ModelSpec('tiny', 'wrn', {'depth': 10, 'widen_factor': 1, 'base_width': 2})
@@ -34,6 +35,7 @@ def copy_state(variant):
     return jax.tree.map(jnp.copy, variant.state)
 
 
+@pytest.mark.slow
 def test_make_bench_tiny_writes_its_section_and_keeps_the_rest(tmp_path):
     path = tmp_path / 'BENCHMARKS.md'
     path.write_text(
@@ -170,7 +172,16 @@ def test_every_k_in_the_trainer_step():
     assert len(host.step_fns) == 2
 
 
-def test_every_k_accuracy_study_tiny(tmp_path):
+def test_every_k_accuracy_study_tiny(tmp_path, monkeypatch):
+    demo_config = demo.demo_config
+
+    def tiny(*args, **kwargs):  # the demo's recipe on WRN-10-1 for 2 steps: compiles fast
+        config = demo_config(*args, **kwargs)
+        config.model, config.model_kwargs = TINY.name, dict(TINY.kwargs)
+        config.num_train_steps = 2
+        return config
+
+    monkeypatch.setattr(demo, 'demo_config', tiny)
     out = tmp_path / 'B.md'
     results = every_k_accuracy.main(
         [
@@ -228,6 +239,7 @@ def test_report_targets_flag_misses():
     }
 
 
+@pytest.mark.slow
 def test_gpu_script_cpu_path_at_tiny_size(tmp_path):
     out = tmp_path / 'B.md'
     env = {**os.environ, 'PYTHON': sys.executable, 'JAX_PLATFORMS': 'cpu'}

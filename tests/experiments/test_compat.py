@@ -49,6 +49,7 @@ REFERENCE = _load('reference_checksums.json')
 SAME_MACHINE = same_machine(REFERENCE['_machine'])
 
 
+@pytest.mark.slow
 def test_a_workdir_written_before_the_restructure_resumes(tmp_path):
     expected = _load('workdir_before_restructure.json')
     config = digits_config(**expected['config_overrides'])
@@ -79,6 +80,7 @@ def _reference_config(case: dict):
 # The fixture holds more cases (the demo's three optimisers, ASAM with m-sharpness), all
 # checked equal once when the restructure landed; these two keep the suite short.
 @pytest.mark.parametrize('name', ['mock_cifar10_vasso', 'digits_vasso_stability_adamw'])
+@pytest.mark.slow
 def test_params_checksums_are_those_of_the_code_before_the_restructure(name, tmp_path,
                                                                        request):
     case = REFERENCE[name]

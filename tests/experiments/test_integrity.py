@@ -74,6 +74,7 @@ def flip_bytes(step_dir, count=64):
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_in_the_latest_checkpoint_is_caught_and_trained_again(
         finished, tmp_path, caplog):
     workdir = finished.copy(tmp_path / 'run')

@@ -194,6 +194,7 @@ def _history(workdir):
     ('vasso', dict(every_k=3), 2, 2),  # steps 0 and 3 of 5; two executables
     ('one_pass_vasso', dict(rho=0.5), 0, 1),
 ])
+@pytest.mark.slow
 def test_a_run_stopped_off_the_cycle_resumes_bitwise(tmp_path, optimizer, overrides,
                                                      two_pass, compilations):
     config = mlp_config(optimizer, **overrides)

@@ -63,6 +63,7 @@ def test_lion_takes_its_kwargs_and_the_weight_decay():
     {'optimizer': 'vasso', 'base_optimizer': 'lion', 'learning_rate': 1e-3,
      'base_optimizer_kwargs': {'b1': 0.95, 'b2': 0.98}},
 ], ids=['friendly_sam', 'lion'])
+@pytest.mark.slow
 def test_open_choices_train(overrides, tmp_path):
     config = short(**overrides)
     summary = task.train_and_evaluate(config, str(tmp_path))
@@ -100,6 +101,7 @@ def test_the_readme_user_model_trains_by_import_path(tmp_path):
     assert 'final_test_accuracy' in result.stdout
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_drops_the_steps_counts_them_and_continues(tmp_path, monkeypatch):
     make_schedule = optimizers.make_schedule
 

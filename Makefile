@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(PY) -m experiments.demo --workdir runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --cov --cov-report=term --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile --cov --cov-report=term --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check vasso_jax experiments tests docs

@@ -213,8 +213,10 @@ def _train_and_evaluate(task, config: ml_collections.ConfigDict, workdir: str, *
     state = run.init_state(tx)
     if plain_tx is not None:
         optimizers.check_same_state(tx, plain_tx, state.params)
-    fresh_sums = lambda: nonfinite.with_status(run.zero_metrics())
     replicated = distributed.replicated(mesh)
+    # On the mesh like the step's outputs: fresh host zeros would trace (and compile) the step
+    # a second time, for inputs that differ from its outputs only in their sharding.
+    fresh_sums = lambda: distributed.put(nonfinite.with_status(run.zero_metrics()), replicated)
     skip = bool(config.get('skip_nonfinite', False))
 
     def jitted_step(t):

@@ -53,13 +53,9 @@ def cli_command(args, *, mock_examples=None):
 
 
 def cli_env(env=None):
-    """The environment of a training process: this checkout importable, and the session's
-    XLA compilation cache (the root ``conftest.py``) so that a rerun skips its compiling."""
-    cache = {}
-    if os.environ.get('VASSO_JAX_TEST_XLA_CACHE'):
-        cache = {'JAX_COMPILATION_CACHE_DIR': os.environ['VASSO_JAX_TEST_XLA_CACHE'],
-                 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.2'}
-    return {**os.environ, 'PYTHONPATH': REPO, **cache, **(env or {})}
+    """The environment of a training process: this checkout importable, and the test
+    session's (the root ``conftest.py``: its XLA compilation cache)."""
+    return {**os.environ, 'PYTHONPATH': REPO, **(env or {})}
 
 
 def run_cli(args, *, mock_examples=None, env=None, timeout=600):

@@ -184,6 +184,14 @@ class CompileCount:
         jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
+def test_the_train_step_compiles_once_when_metrics_accumulate_between_logs(tmp_path):
+    """The metric sums carried from step to step start on the mesh, like the step's outputs;
+    as host zeros they made the second step trace and compile the step again."""
+    with CompileCount() as compiled:
+        task.train_and_evaluate(mlp_config('sam', log_every_steps=5), str(tmp_path))
+    assert compiled.count == 1
+
+
 def _history(workdir):
     return [{k: v for k, v in r.items() if k not in ('elapsed_s', 'images_per_sec')}
             for r in metrics.read_history(workdir)]

@@ -23,7 +23,7 @@ import threading
 
 from absl import flags
 
-from experiments.runtime import errors, nonfinite, preemption
+from experiments.runtime import distributed, errors, nonfinite, preemption
 
 EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
 EXIT_NONFINITE = errors.EXIT_NONFINITE
@@ -31,8 +31,18 @@ EXIT_ENVIRONMENT = errors.EXIT_ENVIRONMENT
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
-    """Prints ``error: <message>`` (one line) on stderr and exits with ``code``."""
+    """Prints ``error: <message>`` (one line) on stderr and exits with ``code``.
+
+    A process of a multi-process run exits at once (``os._exit``): every process stops on the
+    same error, and the interpreter's exit runs JAX's distributed shutdown, which waits at a
+    barrier and was seen to hang under load (both processes had printed their line; process 0
+    was still running two minutes later).
+    """
     print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
+    if distributed.joined():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

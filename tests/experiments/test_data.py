@@ -222,7 +222,9 @@ def test_digits_validation_split_and_noise():
 
 
 def test_digits_split_is_seeded_and_stratified():
-    labels = digits.datasets.load_digits().target
+    from sklearn import datasets
+
+    labels = datasets.load_digits().target
     train, test = digits.stratified_split(labels, 0.2, seed=0)
     assert np.intersect1d(train, test).size == 0 and train.size + test.size == labels.size
     np.testing.assert_allclose(np.bincount(labels[test]) / np.bincount(labels), 0.2, atol=0.02)

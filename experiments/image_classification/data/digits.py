@@ -6,7 +6,6 @@ axis so that the trainer treats them exactly like CIFAR images.
 """
 
 import numpy as np
-from sklearn import datasets
 
 NUM_CLASSES = 10
 
@@ -49,6 +48,8 @@ def load_digits(
       >>> train['image'].shape, test['image'].shape, num_classes
       ((1438, 8, 8, 1), (359, 8, 8, 1), 10)
     """
+    from sklearn import datasets  # here: its ~1 s import is not for runs on other data
+
     digits = datasets.load_digits()
     # 0..16 -> 0..255 with rounding, so 16 maps to 255 exactly.
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-install
 DOCS_STAMP := $(VENV)/.stamp-docs
 
-.PHONY: install demo test lint bench docs clean
+.PHONY: install demo test coverage lint bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +27,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m experiments.demo --workdir runs/demo
 
-# The library's tests with its coverage report, then the training system's without it:
-# coverage tracing slows their JAX tracing and their CLI subprocesses by about a quarter.
+# All tests in one run, whole files to each of 2 workers (a module's fixtures are built once).
+# `make coverage` adds the library's coverage report (its own tests): coverage tracing slows
+# the training system's JAX tracing and CLI subprocesses by about a quarter.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile --cov --cov-report=term --durations=5 \
-		--ignore=tests/experiments $(PYTEST_ARGS)
-	$(PY) -m pytest -n 2 --dist loadfile --durations=15 tests/experiments $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
+
+coverage: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile --cov --cov-report=term --ignore=tests/experiments \
+		$(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check vasso_jax experiments tests docs

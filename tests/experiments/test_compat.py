@@ -77,9 +77,12 @@ def _reference_config(case: dict):
 
 
 @pytest.mark.skipif(not SAME_MACHINE, reason='bitwise references of another CPU / XLA')
-# The fixture holds more cases (the demo's three optimisers, ASAM with m-sharpness), all
-# checked equal once when the restructure landed; these two keep the suite short.
-@pytest.mark.parametrize('name', ['mock_cifar10_vasso', 'digits_vasso_stability_adamw'])
+# The fixture holds more cases (the demo's other two optimisers, VaSSO with AdamW and
+# stability logging, ASAM with m-sharpness), all checked equal once when the restructure
+# landed; these two (the demo's SAM, the README's mock-CIFAR VaSSO) keep the suite short. ASAM
+# with m-sharpness has since moved at float32 rounding, not in its maths: 1e-7 relative in
+# the first two steps' gradient norm (a change between fb515cc and 22b6449).
+@pytest.mark.parametrize('name', ['mock_cifar10_vasso', 'demo_sam'])
 @pytest.mark.slow
 def test_params_checksums_are_those_of_the_code_before_the_restructure(name, tmp_path,
                                                                        request):

@@ -1,10 +1,8 @@
 """The trainer's every_k by host dispatch and its one-pass links (issue 14, trainer half)."""
 
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -13,30 +11,16 @@ import pytest
 import vasso_jax
 from experiments.image_classification import steps, task
 from experiments.runtime import checkpointing, errors, loop, metrics, optimizers
+from tests.experiments import tiny_model
 from tests.experiments.test_train import digits_config
 
-MLP_PATH = 'tests.experiments.test_one_pass_trainer:MLP'
 COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
-
-
-class MLP(nn.Module):
-    """A tiny classifier with BatchNorm, so the runs here compile in about a second."""
-
-    num_classes: int
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Dense(16)(x.reshape(x.shape[0], -1))
-        x = nn.BatchNorm(use_running_average=not train)(x)
-        return nn.Dense(self.num_classes)(nn.relu(x))
 
 
 def mlp_config(optimizer, **overrides):
     settings = dict(num_train_steps=5, log_every_steps=1, eval_every_steps=5,
                     checkpoint_every_steps=5)
-    config = digits_config(optimizer, **{**settings, **overrides})
-    config.model, config.model_kwargs = MLP_PATH, ml_collections.ConfigDict()
-    return config
+    return digits_config(optimizer, 'mlp', **{**settings, **overrides})
 
 
 # ------------------------------------------------------------------ the optax chains
@@ -105,7 +89,7 @@ def _tiny_run(optimizer, num_steps, *, host, **overrides):
     """``num_steps`` of the trainer's own train step on an MLP and random 4x4 images: with
     ``host``, the two executables of host dispatch; else the library's every_k (one)."""
     config = mlp_config(optimizer, batch_size=8, **overrides)
-    model = MLP(num_classes=3)
+    model = tiny_model.MLP(num_classes=3)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (32, 4, 4, 3), dtype=np.uint8)
     labels = rng.integers(0, 3, 32).astype(np.int32)

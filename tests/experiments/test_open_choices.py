@@ -21,7 +21,7 @@ from tests.experiments.test_train import digits_config
 def short(optimizer='vasso', **overrides):
     settings = dict(num_train_steps=2, log_every_steps=1, eval_every_steps=2,
                     checkpoint_every_steps=2)
-    return digits_config(optimizer, **{**settings, **overrides})
+    return digits_config(optimizer, 'mlp', **{**settings, **overrides})
 
 
 def test_every_public_link_factory_is_a_choice():

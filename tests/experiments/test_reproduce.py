@@ -13,10 +13,11 @@ import optax
 import pytest
 
 import vasso_jax
-from experiments.image_classification import models, steps, task
+from experiments.image_classification import steps, task
 from experiments.image_classification.data import augment
 from experiments.runtime import errors, files, optimizers
 from experiments.study import aggregate, diagnose, grids, plots, reproduce
+from tests.experiments import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -313,7 +314,7 @@ def test_trainer_logs_what_the_tracker_computes():
     vasso_jax.perturbation_stability fed with the eps_t that the link kept."""
     images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
     labels = np.arange(16, dtype=np.int32) % 10
-    model = models.get_model('wrn', 10, depth=10, widen_factor=1)
+    model = tiny_model.MLP(num_classes=10)
     config = grids.make_config(grids.GRIDS['digits'], grids.Cell('digits_resnet', 'vasso', 0.0, 0))
     assert config.log_stability
     tx = optimizers.make_optimizer(config, 0.05)
@@ -368,8 +369,8 @@ def tiny_grid(**kwargs):
             'checkpoint_every_steps': 2,
             'progress_bar': False,
         },
-        config_overrides={  # WRN-10-1 both: the grid machinery is the point, not the model
-            name: {'model': 'wrn', 'model_kwargs.depth': 10, 'model_kwargs.widen_factor': 1}
+        config_overrides={  # the tests' tiny MLP: the grid machinery is the point, not the model
+            name: {'model': tiny_model.PATH, 'model_kwargs': {}}
             for name in ('cifar10_wrn28_10', 'cifar100_wrn28_10')},
         **kwargs,
     )
@@ -420,7 +421,7 @@ def test_grid_runs_resumes_and_aggregates(tmp_path, mock_tfds):
 
 @pytest.mark.slow
 def test_diagnostics_of_a_finished_cell(tmp_path, mock_tfds):
-    """WRN-10-1, 4 steps; then the final-model diagnostics restore the last checkpoint."""
+    """4 steps; then the final-model diagnostics restore the last checkpoint."""
     spec = grids.Diagnostics(num_examples=16, num_iters=4, m=4, batch_size=8)
     grid = dataclasses.replace(
         tiny_grid(), configs=('cifar10_wrn28_10',), optimizers=('sam',), diagnostics=spec

@@ -8,6 +8,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -18,6 +19,7 @@ from experiments.configs import cifar10_resnet18, cifar10_wrn28_10, default
 from experiments.image_classification import models, steps, task
 from experiments.image_classification.data import augment
 from experiments.runtime import checkpointing, errors, loop, metrics, optimizers
+from tests.experiments import tiny_model
 from tests.experiments.conftest import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,10 +35,17 @@ SUMMARY_KEYS = ('final_test_accuracy', 'best_test_accuracy', 'final_train_loss',
 
 
 def tiny_config(model='resnet18', optimizer='vasso', **overrides):
-    """A CIFAR config shrunk to a few steps of a tiny network (mock data has 40 examples)."""
+    """A CIFAR config shrunk to a few steps of a tiny network (mock data has 40 examples).
+
+    ``model``: ``'resnet18'`` (width 4), ``'wrn'`` (WRN-10-1), or ``'mlp'``: the tests'
+    BatchNorm MLP (``tiny_model``), for tests of the run machinery rather than of a network.
+    """
     if model == 'resnet18':
         config = cifar10_resnet18.get_config()
         config.model_kwargs.width = 4
+    elif model == 'mlp':
+        config = cifar10_resnet18.get_config()
+        config.model, config.model_kwargs = tiny_model.PATH, ml_collections.ConfigDict()
     else:  # WRN-10-1: the WRN-28-10 recipe on the generic WRN
         config = cifar10_wrn28_10.get_config()
         config.model = 'wrn'
@@ -54,9 +63,10 @@ def tiny_config(model='resnet18', optimizer='vasso', **overrides):
     return config
 
 
-def digits_config(optimizer='vasso', **overrides):
-    """The smallest fast run: WRN-10-1 on the offline digits, no TFDS involved."""
-    config = tiny_config('wrn', optimizer, dataset='digits', crop_padding=1, cutout_size=4,
+def digits_config(optimizer='vasso', net='wrn', **overrides):
+    """The smallest fast run: WRN-10-1 (or another ``tiny_config`` net) on the offline digits,
+    no TFDS involved."""
+    config = tiny_config(net, optimizer, dataset='digits', crop_padding=1, cutout_size=4,
                          label_noise=0.4)
     config.update(overrides)
     return config
@@ -184,7 +194,7 @@ def test_batchnorm_statistics_come_from_pass_one_only():
     """After a SAM step the running statistics are pass 1's, not the perturbed pass's."""
     images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
     labels = np.arange(16, dtype=np.int32) % 10
-    model = models.get_model('wrn', 10, depth=10, widen_factor=1)
+    model = tiny_model.MLP(num_classes=10)  # BatchNorm after a dense layer
     config = tiny_config(optimizer='sam', rho=2.0)  # a big radius: the passes differ clearly
     tx = optimizers.make_optimizer(config, 0.1)
     init_key, data_key, augment_key = steps.split_keys(0)
@@ -276,8 +286,8 @@ def test_same_seed_same_checksum_and_resume_is_bitwise(tmp_path):
     VaSSO, so that its direction ``d`` (and the momentum, counters, BatchNorm statistics and
     RNG key) must come back from the checkpoint exactly.
     """
-    config = digits_config('vasso', num_train_steps=6, log_every_steps=1, eval_every_steps=2,
-                           checkpoint_every_steps=3)
+    config = digits_config('vasso', 'mlp', num_train_steps=6, log_every_steps=1,
+                           eval_every_steps=2, checkpoint_every_steps=3)
     straight_dir, resumed_dir = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
     straight = task.train_and_evaluate(config, straight_dir)
     half = task.train_and_evaluate(config, resumed_dir, stop_at_step=3)
@@ -306,8 +316,8 @@ def test_same_seed_same_checksum_and_resume_is_bitwise(tmp_path):
 
 
 def test_a_checkpoint_of_another_optimizer_is_a_clear_error(tmp_path):
-    task.train_and_evaluate(digits_config('sgd', num_train_steps=1), str(tmp_path))
-    vasso = digits_config('vasso', num_train_steps=1)
+    task.train_and_evaluate(digits_config('sgd', 'mlp', num_train_steps=1), str(tmp_path))
+    vasso = digits_config('vasso', 'mlp', num_train_steps=1)
     with pytest.raises(ValueError, match=r"optimizer: 'sgd' -> 'vasso'.*--allow_config_change"):
         task.train_and_evaluate(vasso, str(tmp_path))  # refused: another config
     with pytest.raises(checkpointing.CheckpointMismatchError, match='pass a new --workdir'):

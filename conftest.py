@@ -25,24 +25,20 @@ collect_ignore = (
     [] if importlib.util.find_spec('flax') else ['vasso_jax/nnx.py', 'vasso_jax/linen.py']
 )
 
-XLA_CACHE_ENV = 'VASSO_JAX_TEST_XLA_CACHE'
-
-
 def pytest_configure(config):
     # The controller runs first (before jax is imported: nothing here imports it) and the
     # xdist workers and the tests' subprocesses inherit its environment.
-    if XLA_CACHE_ENV not in os.environ and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-        os.environ[XLA_CACHE_ENV] = os.path.join(
+    if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+        config._vasso_jax_xla_cache = os.path.join(
             tempfile.gettempdir(), f'vasso_jax_tests_xla_cache_{uuid.uuid4().hex[:12]}')
-        os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ[XLA_CACHE_ENV]
+        os.environ['JAX_COMPILATION_CACHE_DIR'] = config._vasso_jax_xla_cache
         os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
-        config._vasso_jax_owns_xla_cache = True
 
 
 def pytest_unconfigure(config):
-    if getattr(config, '_vasso_jax_owns_xla_cache', False):
+    if getattr(config, '_vasso_jax_xla_cache', None):
         os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)
-        shutil.rmtree(os.environ.pop(XLA_CACHE_ENV), ignore_errors=True)
+        shutil.rmtree(config._vasso_jax_xla_cache, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,6 +14,7 @@ from experiments.configs import digits_resnet
 from experiments.image_classification import task
 from experiments.runtime import errors, metrics
 from experiments.runtime import workdir as workdir_lib
+from tests.experiments import tiny_model
 from tests.experiments.conftest import REPO, cli_command, cli_env, run_cli
 
 TINY = ['--config.model_kwargs.width=4', '--config.progress_bar=False']
@@ -87,14 +88,14 @@ def wait_for_logged_step(workdir, step, procs, timeout=300):
 
 # CIFAR-10 (mock TFDS) on the tests' tiny BatchNorm MLP: the run machinery is the point, and
 # it compiles in a second where even WRN-10-1 takes several.
-CIFAR10_TINY = """
+CIFAR10_TINY = f"""
 from experiments.configs import cifar10_resnet18
 
 
 def get_config():
     config = cifar10_resnet18.get_config()
-    config.model = 'tests.experiments.tiny_model:MLP'
-    config.model_kwargs = {}
+    config.model = {tiny_model.PATH!r}
+    config.model_kwargs = {{}}
     return config
 """
 

@@ -9,17 +9,17 @@ DOCS_STAMP := $(VENV)/.stamp-docs
 
 .PHONY: install demo test coverage lint bench docs clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[experiments,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[experiments,dev]'
 	touch $(STAMP)
 
 # The docs need only the library, Flax and Sphinx: a fresh clone's `make docs` installs those.
-$(DOCS_STAMP): pyproject.toml
+$(DOCS_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[docs]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[docs]'
 	touch $(DOCS_STAMP)
 
 install: $(STAMP)

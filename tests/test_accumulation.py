@@ -137,7 +137,7 @@ print('sharded ok')
 @pytest.mark.slow
 def test_a_batch_sharded_over_devices_splits_without_communication():
     env = dict(
-        os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu'
+        os.environ, JAX_NUM_CPU_DEVICES='8', JAX_PLATFORMS='cpu'
     )
     proc = subprocess.run(
         [sys.executable, '-c', SHARDED_CHECK],

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_multidevice_checks_pass():
     env = dict(
-        os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu'
+        os.environ, JAX_NUM_CPU_DEVICES='8', JAX_PLATFORMS='cpu'
     )
     proc = subprocess.run(
         [sys.executable, '-m', 'tests.multidevice_checks'],

@@ -27,7 +27,7 @@ def free_port() -> int:
 
 
 def devices_env(n: int) -> dict:
-    return {'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}', 'JAX_PLATFORMS': 'cpu'}
+    return {'JAX_NUM_CPU_DEVICES': str(n), 'JAX_PLATFORMS': 'cpu'}
 
 
 @pytest.mark.slow

@@ -104,7 +104,12 @@ def test_file_size_limit_then_double_sigint_then_rerun_is_bitwise(cli, tmp_path)
     with cli.start(workdir, log) as run:
         wait_for(workdir / 'checkpoints' / '8', run, log)
         run.send_signal(signal.SIGINT)
-        time.sleep(0.05)
+        # The second SIGINT once the first is handled (two sent before that arrive as one),
+        # i.e. while the run finishes its step and saves: a fixed delay can miss that window.
+        deadline = time.monotonic() + TIMEOUT_S
+        while 'Received SIGINT' not in open(f'{log}.err').read():
+            assert run.poll() is None and time.monotonic() < deadline, 'the first SIGINT'
+            time.sleep(0.001)
         run.send_signal(signal.SIGINT)
         run.wait(timeout=TIMEOUT_S)
     err = open(f'{log}.err').read()

@@ -1,5 +1,5 @@
 """One translation train step on 8 simulated CPU devices equals the step on 1 (run by
-test_task.py in a fresh process with XLA_FLAGS=--xla_force_host_platform_device_count=8).
+test_task.py in a fresh process with JAX_NUM_CPU_DEVICES=8).
 
 Both runs use 8 data shards, so they see the same batch; the step is the runtime's (the
 task's step inside the non-finite guard, jitted with the batch sharded on its leading axis).

@@ -168,7 +168,7 @@ def test_the_reproduce_grid_has_adamw_sam_vasso_by_seed_and_valid_configs():
 
 @pytest.mark.slow
 def test_a_step_on_8_devices_equals_the_step_on_1(tmp_path):
-    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+    env = {**os.environ, 'JAX_NUM_CPU_DEVICES': '8',
            'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
     proc = subprocess.run([sys.executable, '-m', 'tests.experiments.translation.devices_check',
                            str(tmp_path / 'vocab')], cwd=REPO, env=env, capture_output=True,

@@ -46,6 +46,11 @@ class ModelSpec:
         return models.get_model(self.name, num_classes, **{**self.kwargs, **overrides})
 
 
+# The model of the --tiny runs, which check the code, not speed: a small convolutional network
+# (convolutions, BatchNorm) that compiles in a few seconds on CPU.
+TINY = ModelSpec('CNN (tiny, 8x8 images)', 'cnn', {'width': 4, 'hidden': 32})
+
+
 def bench_config(
     optimizer: str, *, every_k: int = 1, batch_size: int = 64, recipe: str = 'cifar', **overrides
 ):

@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         '--tiny',
         action='store_true',
-        help='a tiny WRN on 8x8 images, 2 rounds: checks the code, not speed',
+        help='a tiny CNN on 8x8 images, 2 rounds: checks the code, not speed',
     )
     return parser.parse_args(argv)
 
@@ -96,10 +96,7 @@ def make_plans(args: argparse.Namespace) -> list[Plan]:
     WRN-16-4 (~6x slower per step): 2 + 5 x 1 = 7 steps a variant, without."""
     every_k = tuple(int(k) for k in args.every_k.split(',') if k)
     if args.tiny:
-        tiny = harness.ModelSpec(
-            'WRN-10-1 (tiny, 8x8 images)', 'wrn', {'depth': 10, 'widen_factor': 1, 'base_width': 2}
-        )
-        plans = [Plan(tiny, warmup=2, rounds=2, steps=2, every_k=(2,))]
+        plans = [Plan(harness.TINY, warmup=2, rounds=2, steps=2, every_k=(2,))]
     else:
         library = {
             'resnet18': Plan(

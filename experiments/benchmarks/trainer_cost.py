@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--steps_per_round', type=int, default=10,
                         help='a multiple of every k (whole cycles per round)')
     parser.add_argument('--json', default=None, help='also save the raw results as JSON')
-    parser.add_argument('--tiny', action='store_true', help='a tiny WRN on 8x8 images')
+    parser.add_argument('--tiny', action='store_true', help='a tiny CNN on 8x8 images')
     args = parser.parse_args(argv)
     if args.steps_per_round % np.lcm.reduce(EVERY_K) or args.warmup < max(EVERY_K):
         parser.error(f'--steps_per_round must be a multiple of {np.lcm.reduce(EVERY_K)} and '
@@ -65,8 +65,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     """Builds and times every variant; returns the rows and the run's conditions."""
     start, load_before = time.time(), measure.load_average()
     if args.tiny:
-        spec = harness.ModelSpec('WRN-10-1 (tiny, 8x8 images)', 'wrn',
-                                 {'depth': 10, 'widen_factor': 1, 'base_width': 2})
+        spec = harness.TINY
         image_shape, recipe, options = (8, 8, 3), 'tiny', harness.FAST_COMPILE
     else:
         spec = harness.ModelSpec(f'ResNet-18 (width {args.width})', 'resnet18',

@@ -14,9 +14,10 @@ import pytest
 import vasso_jax
 from experiments.benchmarks import every_k_accuracy, harness, measure, report, run
 from experiments.study import demo
+from tests.experiments import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = harness.ModelSpec('tiny', 'wrn', {'depth': 10, 'widen_factor': 1, 'base_width': 2})
+TINY = harness.TINY
 
 
 def tiny_variants(names, **kwargs):
@@ -175,9 +176,9 @@ def test_every_k_in_the_trainer_step():
 def test_every_k_accuracy_study_tiny(tmp_path, monkeypatch):
     demo_config = demo.demo_config
 
-    def tiny(*args, **kwargs):  # the demo's recipe on WRN-10-1 for 2 steps: compiles fast
+    def tiny(*args, **kwargs):  # the demo's recipe on the tiny MLP for 2 steps
         config = demo_config(*args, **kwargs)
-        config.model, config.model_kwargs = TINY.name, dict(TINY.kwargs)
+        config.model, config.model_kwargs = tiny_model.PATH, {}
         config.num_train_steps = 2
         return config
 
@@ -254,7 +255,7 @@ def test_gpu_script_cpu_path_at_tiny_size(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for dtype in ('float32', 'bfloat16'):
         for optimizer in ('sgd', 'sam', 'vasso'):
-            assert f'| WRN-10-1 (tiny) | {dtype} | {optimizer} |' in proc.stdout
+            assert f'| {harness.TINY.label} | {dtype} | {optimizer} |' in proc.stdout
     assert 'gpu.sh --tiny' in out.read_text()
 
 

@@ -1,11 +1,13 @@
 """The demo's code path in a reduced form: one epoch each of SGD, SAM and VaSSO on digits,
-on WRN-10-1 instead of the demo's ResNet-18 (``make demo`` runs that one)."""
+on the tests' tiny BatchNorm MLP instead of the demo's ResNet-18 (``make demo`` runs that
+one)."""
 
 import os
 
 import pytest
 
 from experiments.study import demo
+from tests.experiments import tiny_model
 
 
 def test_demo_config_goes_through_the_cifar_trainer():
@@ -18,10 +20,9 @@ def test_demo_config_goes_through_the_cifar_trainer():
 def test_demo_one_epoch(tmp_path, monkeypatch):
     demo_config = demo.demo_config
 
-    def small(*args, **kwargs):  # the demo's recipe on WRN-10-1, which compiles fast
+    def small(*args, **kwargs):  # the demo's recipe on a model that compiles in a second
         config = demo_config(*args, **kwargs)
-        config.model = 'wrn'
-        config.model_kwargs = {'depth': 10, 'widen_factor': 1, 'dtype': 'float32'}
+        config.model, config.model_kwargs = tiny_model.PATH, {}
         return config
 
     monkeypatch.setattr(demo, 'demo_config', small)

@@ -236,6 +236,18 @@ def test_digits_split_is_seeded_and_stratified():
     np.testing.assert_array_equal(first[1]['label'], second[1]['label'])
 
 
+@pytest.mark.parametrize('read', ['csv', 'sklearn'])
+def test_digits_are_scikit_learns_whichever_way_they_are_read(read, monkeypatch):
+    from sklearn import datasets
+
+    if read == 'sklearn':  # the fallback, when the CSV is not where scikit-learn kept it
+        monkeypatch.setattr(digits, '_CSV', 'no_such_file.csv.gz')
+    pixels, labels = digits._read_digits()
+    want = datasets.load_digits()
+    np.testing.assert_array_equal(pixels, want.data)
+    np.testing.assert_array_equal(labels, want.target)
+
+
 def test_channel_stats_are_exact():
     images = np.random.default_rng(0).integers(0, 256, (20, 5, 5, 3), dtype=np.uint8)
     mean, std = data.channel_stats(images)

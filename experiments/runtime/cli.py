@@ -21,9 +21,10 @@ import signal
 import sys
 import threading
 
+import jax
 from absl import flags
 
-from experiments.runtime import distributed, errors, nonfinite, preemption
+from experiments.runtime import errors, nonfinite, preemption
 
 EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
 EXIT_NONFINITE = errors.EXIT_NONFINITE
@@ -39,7 +40,7 @@ def fail(message: str, code: int = EXIT_BAD_INPUT):
     was still running two minutes later).
     """
     print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-    if distributed.joined():
+    if jax.distributed.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

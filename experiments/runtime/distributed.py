@@ -97,25 +97,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             _wait_for_coordinator(coordinator_address, timeout_s)
     # gloo is the CPU cross-process collective implementation (a no-op on GPU/TPU).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    global _joined
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                    initialization_timeout=timeout_s)
-        _joined = True
     except Exception as e:  # jaxlib raises XlaRuntimeError/RuntimeError/ValueError here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistributedError(
             f'Could not join the distributed run at {coordinator_address or "(detected)"} '
             f'within {timeout_s}s ({first[:200]}); check that process 0 runs and that the '
             'address and port are reachable.') from e
-
-
-_joined = False  # set by initialize() once JAX's distributed runtime has started
-
-
-def joined() -> bool:
-    """Whether this process has joined a multi-process run through :func:`initialize`."""
-    return _joined
 
 
 def make_mesh() -> Mesh:

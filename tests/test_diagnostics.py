@@ -99,6 +99,26 @@ def test_hessian_jit_tol_and_key(method):
 
 
 @pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('spectrum, tol', [
+    ([10.0, 5.0, 3.0, 2.0, 1.0, 0.5, -1.0], 0.0),
+    ([10.0, 5.0, 3.0, 2.0, 1.0, 0.5, -1.0], 1e-3),  # stops early, at a step of its own
+    ([-1.0, -1.0, -1.0, -2.0, -2.0], 0.0),  # Lanczos breaks down after 2 of its 5 steps
+])
+def test_unrolled_steps_give_the_loops_result_without_a_loop(method, spectrum, tol):
+    loss_fn, params, a = _quadratic(spectrum)
+    run = lambda unroll: jax.jit(lambda p: _diagnostics.hessian_top_eigenpair(
+        loss_fn, p, num_iters=12, method=method, tol=tol, unroll=unroll))
+    looped, unrolled = run(False)(params), run(True)(params)
+    np.testing.assert_allclose(unrolled[0], looped[0], rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(unrolled[1]), jax.tree.leaves(looped[1])):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    if method == 'lanczos':  # the steps after a stop add no spurious (zero) Ritz value
+        np.testing.assert_allclose(unrolled[0], np.linalg.eigvalsh(a)[-1], rtol=1e-4)
+    assert 'while' in str(jax.make_jaxpr(run(False))(params))
+    assert 'while' not in str(jax.make_jaxpr(run(True))(params))
+
+
+@pytest.mark.parametrize('method', METHODS)
 def test_hessian_zero_and_one_dimensional(method):
     linear = lambda p: jnp.sum(p['w']) + 2.0 * p['b']
     params = {'w': jnp.ones(3), 'b': jnp.array(1.0)}

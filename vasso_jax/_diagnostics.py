@@ -40,7 +40,23 @@ def _top_ritz(alphas, betas, last):
     return evals[-1], evecs[:, -1]
 
 
-def _lanczos(matvec, v0, k, tol):
+def _iterate(body, carry, k, unroll):
+    """``while not stopped and count < k: carry = body(carry)``; the stop flag is
+    ``carry[-1]`` and the count ``carry[0]``.
+
+    Unrolled, the ``k`` bodies are straight-line code and a stopped carry passes through
+    unchanged (its later bodies are computed and discarded): the same result without a loop,
+    whose body XLA:CPU runs convolutions in many times slower than outside one (jax#12868).
+    """
+    if not unroll:
+        return jax.lax.while_loop(lambda c: (c[0] < k) & ~c[-1], body, carry)
+    for _ in range(k):
+        stopped = carry[-1]
+        carry = jax.tree.map(lambda old, new: jnp.where(stopped, old, new), carry, body(carry))
+    return carry
+
+
+def _lanczos(matvec, v0, k, tol, unroll):
     eps = jnp.finfo(jnp.float32).eps
 
     def body(carry):
@@ -65,13 +81,13 @@ def _lanczos(matvec, v0, k, tol):
     basis = jnp.zeros((k, v0.size), jnp.float32).at[0].set(v0)
     zeros, zero = jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32)
     carry = (jnp.zeros((), jnp.int32), basis, zeros, zeros, zero, zero, jnp.array(False))
-    j, basis, alphas, betas, *_ = jax.lax.while_loop(lambda c: (c[0] < k) & ~c[-1], body, carry)
+    j, basis, alphas, betas, *_ = _iterate(body, carry, k, unroll)
     theta, s = _top_ritz(alphas, betas, j - 1)
     v = jnp.matmul(s, basis, precision=_HIGHEST)
     return theta, v / jnp.maximum(jnp.linalg.norm(v), 1e-30)
 
 
-def _power(matvec, v0, k, tol):
+def _power(matvec, v0, k, tol, unroll):
     def body(carry):
         i, v, lam, _ = carry
         w = matvec(v)
@@ -82,7 +98,7 @@ def _power(matvec, v0, k, tol):
         return i + 1, v, new_lam, stop
 
     carry = (jnp.zeros((), jnp.int32), v0, jnp.zeros((), jnp.float32), jnp.array(False))
-    _, v, lam, _ = jax.lax.while_loop(lambda c: (c[0] < k) & ~c[-1], body, carry)
+    _, v, lam, _ = _iterate(body, carry, k, unroll)
     return lam, v
 
 
@@ -94,6 +110,7 @@ def hessian_top_eigenpair(
     method: str = 'lanczos',
     key: jax.Array | None = None,
     tol: float = 0.0,
+    unroll: bool = False,
 ) -> tuple[jax.Array, Any]:
     r"""Top Hessian eigenvalue and its unit eigenvector, from Hessian-vector products.
 
@@ -121,6 +138,12 @@ def hessian_top_eigenpair(
       key: PRNG key for the start vector; ``jax.random.key(0)`` if ``None``.
       tol: stop early once the eigenvalue estimate changes by less than ``tol`` (relative)
         between steps; ``0`` runs all ``num_iters`` steps.
+      unroll: trace the ``num_iters`` steps as straight-line code instead of a
+        ``lax.while_loop`` (steps after an early stop are computed and discarded; the result
+        is the same). Compiles ``num_iters`` Hessian-vector products, but on CPU it avoids
+        XLA's slow convolutions inside loop bodies (`jax#12868
+        <https://github.com/jax-ml/jax/issues/12868>`_): about 25x per product for a small
+        CNN here (``BENCHMARKS.md``). Leave it off on GPU/TPU.
 
     Returns:
       ``(eigenvalue, eigenvector)``: a float32 scalar and a unit-norm pytree like ``params``.
@@ -153,9 +176,9 @@ def hessian_top_eigenpair(
     v0 = jax.random.normal(key, (dim,), jnp.float32)
     v0 = v0 / jnp.linalg.norm(v0)
     if method == 'lanczos':
-        value, vector = _lanczos(matvec, v0, min(num_iters, dim), float(tol))
+        value, vector = _lanczos(matvec, v0, min(num_iters, dim), float(tol), bool(unroll))
     else:
-        value, vector = _power(matvec, v0, num_iters, float(tol))
+        value, vector = _power(matvec, v0, num_iters, float(tol), bool(unroll))
     return value, to_tree(vector)
 
 
@@ -167,6 +190,7 @@ def hessian_top_eigenvalue(
     method: str = 'lanczos',
     key: jax.Array | None = None,
     tol: float = 0.0,
+    unroll: bool = False,
 ) -> jax.Array:
     r"""Top Hessian eigenvalue of ``loss_fn`` at ``params`` (float32 scalar).
 
@@ -182,7 +206,7 @@ def hessian_top_eigenvalue(
       4.0
     """
     return hessian_top_eigenpair(
-        loss_fn, params, num_iters=num_iters, method=method, key=key, tol=tol
+        loss_fn, params, num_iters=num_iters, method=method, key=key, tol=tol, unroll=unroll
     )[0]
 
 

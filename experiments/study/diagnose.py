@@ -7,7 +7,8 @@ on), and measures on it, with the model in evaluation mode (BatchNorm running st
 dropout, so the loss is a function of the parameters alone):
 
 - ``hessian_top_eigenvalue``: the largest eigenvalue of the Hessian of the mean
-  cross-entropy, by ``vasso_jax.hessian_top_eigenvalue`` (Lanczos on Hessian-vector products);
+  cross-entropy, by ``vasso_jax.hessian_top_eigenvalue`` (Lanczos on Hessian-vector products,
+  unrolled on a CPU);
 - ``m_sharpness``: ``vasso_jax.m_sharpness`` at the run's ``rho`` with groups of ``spec.m``
   examples (the first-order SAM loss increase, averaged over groups);
 - ``subset_loss`` / ``subset_accuracy`` on the same examples.
@@ -85,7 +86,10 @@ def _measure(params, batch_stats, images, labels, *, model, num_classes, rho, sp
     loss = make_eval_loss(model, batch_stats, num_classes)
     batch = (images, labels)
     full_loss = lambda p: chunked_mean(loss, p, batch, spec.batch_size)
-    top = vasso_jax.hessian_top_eigenvalue(full_loss, params, num_iters=spec.num_iters)
+    # Unrolled on a CPU, where XLA runs convolutions inside a loop body many times slower
+    # (jax#12868): 174 s against 7 s of Lanczos for the Fashion-MNIST CNN (BENCHMARKS.md).
+    top = vasso_jax.hessian_top_eigenvalue(full_loss, params, num_iters=spec.num_iters,
+                                           unroll=jax.default_backend() == 'cpu')
     sharp = vasso_jax.m_sharpness(
         loss, params, batch, rho=rho, m=spec.m, groups_per_step=spec.groups_per_step
     )

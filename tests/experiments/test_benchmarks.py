@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import vasso_jax
-from experiments.benchmarks import every_k_accuracy, harness, measure, report, run
+from experiments.benchmarks import every_k_accuracy, harness, hessian_loop, measure, report, run
 from experiments.study import demo
 from tests.experiments import tiny_model
 
@@ -284,3 +284,12 @@ def test_trainer_cost_tiny_counts_one_compilation_per_executable(tmp_path):
         assert 0 <= rows[name]['extra_bytes'] - rows[name]['params_bytes'] <= 64, name
     text = path.read_text()
     assert 'kept' in text and trainer_cost.BEGIN in text and '| one_pass_vasso |' in text
+
+
+def test_hessian_loop_tiny_times_both_ways_to_the_same_eigenvalue(capsys):
+    rows = hessian_loop.main(['--tiny', '--num_iters', '2', '--rounds', '1',
+                              '--num_examples', '8'])
+    loop, unrolled = rows['while_loop (default)'], rows['unroll=True']
+    np.testing.assert_allclose(loop['value'], unrolled['value'], rtol=1e-5)
+    assert unrolled['x_unrolled'] == 1.0 and loop['median_s'] > 0
+    assert '| unroll=True |' in capsys.readouterr().out

@@ -17,7 +17,14 @@ import ml_collections
 from absl import logging
 
 from experiments.configs import default as default_config
-from experiments.image_classification import config_check, data, input_pipeline, models, steps
+from experiments.image_classification import (
+    collapse,
+    config_check,
+    data,
+    input_pipeline,
+    models,
+    steps,
+)
 from experiments.image_classification.data import augment as augment_lib
 from experiments.runtime import distributed, errors, metrics, optimizers
 from experiments.runtime import task as runtime_task
@@ -88,6 +95,10 @@ class ClassificationRun:
                                          std=self.data.std)
         self._eval_step = steps.make_eval_step(self.model, normalize_fn, self.data.num_classes)
         self.diagnostics = ()
+        hint = f'--config.learning_rate (now {config.learning_rate})'
+        if config.optimizer != 'sgd':  # a sharpness-aware link: its radius first
+            hint = f'--config.rho (now {config.get("rho")}) or {hint}'
+        self._collapse = collapse.CollapseWatch(self.data.num_classes, hint)
 
     def init_state(self, tx) -> steps.TrainState:
         return steps.create_train_state(self.model, tx, image_shape=self.data.image_shape,
@@ -114,7 +125,9 @@ class ClassificationRun:
         return self.data.train, self._perm
 
     def summarize_train(self, sums: dict) -> dict:
-        return steps.summarize_train_metrics(sums)
+        record = steps.summarize_train_metrics(sums)
+        self._collapse.update(record)  # warns once if the run has collapsed
+        return record
 
     def evaluate(self, state) -> dict:
         record = {}

@@ -392,3 +392,15 @@ def test_cli_rejects_a_bad_value_in_one_line(tmp_path):
         f"error: --config.optimizer='adam' is not one of sgd, {links}."]
 
 
+
+
+def test_a_run_collapsed_to_the_constant_predictor_is_named_with_its_fix(tmp_path, caplog):
+    config = digits_config('sam', 'mlp', num_train_steps=4, log_every_steps=1, rho=0.5)
+    config.model = tiny_model.CONSTANT_PATH  # loss ln 10 whatever it does
+    with caplog.at_level('WARNING'):
+        summary = task.train_and_evaluate(config, str(tmp_path))
+    warnings = [r.getMessage() for r in caplog.records if 'constant predictor' in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once, after 3 collapsed logs in a row
+    assert 'ln(10) = 2.303 for 3 logs' in warnings[0]
+    assert '--config.rho (now 0.5) or --config.learning_rate' in warnings[0]
+    assert summary['completed']  # a warning, not a failure: the run is a finding too

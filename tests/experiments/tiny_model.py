@@ -8,6 +8,7 @@ on CPU. Select it with ``config.model = tests.experiments.tiny_model.PATH`` and 
 """
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 PATH = 'tests.experiments.tiny_model:MLP'
 
@@ -21,3 +22,18 @@ class MLP(nn.Module):
         x = nn.Dense(self.hidden)(x.reshape(x.shape[0], -1))
         x = nn.BatchNorm(use_running_average=not train)(x)
         return nn.Dense(self.num_classes)(nn.relu(x))
+
+
+CONSTANT_PATH = 'tests.experiments.tiny_model:Constant'
+
+
+class Constant(nn.Module):
+    """A classifier that has collapsed for good: the same (uniform) logits for every image,
+    whatever its one parameter; what a too-large sharpness-aware rho can leave behind."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        scale = self.param('scale', nn.initializers.zeros, (1,))
+        return jnp.zeros((x.shape[0], self.num_classes)) * scale

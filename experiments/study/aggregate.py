@@ -9,6 +9,7 @@ standard deviation is the sample one (``ddof=1``), 0 for a single seed.
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -65,6 +66,12 @@ NOISE_TABLES = (
     Metric(
         'final_train_eval_accuracy',
         'Train accuracy on the noisy labels trained on (%)',
+        100.0,
+        '.1f',
+    ),
+    Metric(
+        'final_train_eval_true_accuracy',
+        'Train accuracy on the true labels of the same images (%)',
         100.0,
         '.1f',
     ),
@@ -138,7 +145,7 @@ def format_entry(
 
 
 def column_label(grid: grids.Grid, config: str, noise: float) -> str:
-    parts = [config] if len(grid.configs) > 1 else []
+    parts = [grid.config_labels.get(config, config)] if len(grid.configs) > 1 else []
     if len(grid.label_noise) > 1 or noise:
         parts.append(f'noise {round(100 * noise)}%')
     return ' / '.join(parts) or config
@@ -288,7 +295,7 @@ def report(
             text = table(grid, runs, metric)
             if text:
                 parts += ['', text]
-    cost = cost_table(grid, runs)
+    cost = cost_table(grid, runs) if grid.compare_cost else ''
     if cost:
         parts += ['', cost]
     comparison = paper_comparison(grid, runs, paper) if paper else ''
@@ -302,14 +309,23 @@ def report(
 
 
 def write_report(
-    grid: grids.Grid, workdir: str, *, plot_fn: Callable | None = None
+    grid: grids.Grid, workdir: str, *, plot_fn: Callable | None = None, results_dir: str = ''
 ) -> tuple[str, str]:
     """Collects ``workdir``, draws the plots (``plot_fn(grid, runs, workdir) -> paths``) and
-    writes ``WORKDIR/results.md``; returns ``(path, markdown)``."""
+    writes ``WORKDIR/results.md``; returns ``(path, markdown)``.
+
+    With ``results_dir`` (the grid's records in the repository, :mod:`.records`) the report
+    and its plots are copied there too, so the tables quoted elsewhere (the README) can be
+    checked against what the records generate.
+    """
     runs = collect(grid, workdir)
     plots = plot_fn(grid, runs, workdir) if plot_fn else ()
     text = report(grid, runs, load_paper_results(), plots)
     path = os.path.join(workdir, REPORT_FILE)
     with open(path, 'w') as f:
         f.write(text)
+    if results_dir:
+        os.makedirs(results_dir, exist_ok=True)
+        for src in (path, *plots):
+            shutil.copyfile(src, os.path.join(results_dir, os.path.basename(src)))
     return path, text

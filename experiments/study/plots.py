@@ -1,5 +1,6 @@
 """Plots of a grid: test-accuracy curves, a bar chart with error bars, accuracy against wall
-time (with the Pareto front), adversary stability.
+time (with the Pareto front; for grids that compare cost), the fit of noisy and true training
+labels (for runs that evaluate their training set), adversary stability.
 
 Every figure has one panel per (config, label-noise level) of the grid and one line (or bar)
 per optimiser, averaged over the seeds that have data (shaded / error bar: ± one standard
@@ -220,7 +221,18 @@ def grid_plots(grid: grids.Grid, runs: Sequence[aggregate.Run], workdir: str) ->
             title=f'{grid.name}: test accuracy (mean ± std over seeds)',
         ),
         bars(grid, runs, os.path.join(workdir, 'final_accuracy.png')),
-        pareto(grid, runs, os.path.join(workdir, 'accuracy_vs_wall_time.png')),
+        pareto(grid, runs, os.path.join(workdir, 'accuracy_vs_wall_time.png'))
+        if grid.compare_cost else None,
+        curves(  # drawn for runs that evaluate their training set (config.eval_train)
+            grid,
+            runs,
+            os.path.join(workdir, 'memorisation.png'),
+            keys=[
+                ('train_eval_accuracy', 'train acc., labels trained on (%)', 100.0, False),
+                ('train_eval_true_accuracy', 'train acc., true labels (%)', 100.0, False),
+            ],
+            title=f'{grid.name}: fit of the noisy labels against the true ones',
+        ),
         curves(
             grid,
             runs,

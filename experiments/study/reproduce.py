@@ -8,7 +8,8 @@ Usage:
   python -m experiments.reproduce --grid digits --list
 
 Grids (``experiments/study/grids.py``): ``paper_cifar``, ``label_noise``,
-``label_noise_cifar10n``, ``digits``, ``digits_cost``, ``iwslt_de_en``. Each cell trains in
+``label_noise_cifar10n``, ``digits``, ``digits_cost``, ``label_noise_fmnist``,
+``label_noise_fmnist_sweep``, ``iwslt_de_en``. Each cell trains in
 ``WORKDIR/<config>-<optimizer>-noise<pct>-seed<seed>`` through its task's
 ``train_and_evaluate`` (``experiments.<config.task>.task``, image classification by
 default). A cell whose ``summary.json`` says ``completed`` is skipped; an interrupted one
@@ -21,7 +22,10 @@ Hessian eigenvalue, m-sharpness), and the grid's tables and plots are written to
 
 A grid that takes longer than a machine lives: ``--results_dir experiments/study/results/GRID
 --git_commit`` commits each finished cell's summary, metrics and diagnostics as it completes;
-the same command on a fresh clone restores them and carries on with the rest.
+the same command on a fresh clone restores them and carries on with the rest. The report and
+its plots are copied there too (not committed: a shard's report covers what exists when it
+ends), so ``--aggregate_only --results_dir DIR`` on a fresh clone regenerates the report that
+the README quotes from the records alone.
 """
 
 import importlib
@@ -191,7 +195,8 @@ def main(argv: Sequence[str]):
                 results_dir=_RESULTS_DIR.value,
                 git_commit=_GIT_COMMIT.value,
             )
-    path, text = aggregate.write_report(grid, _WORKDIR.value, plot_fn=plots.grid_plots)
+    path, text = aggregate.write_report(grid, _WORKDIR.value, plot_fn=plots.grid_plots,
+                                        results_dir=_RESULTS_DIR.value)
     print('\n' + text)
     print(f'Report: {path}')
 

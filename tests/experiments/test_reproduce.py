@@ -261,6 +261,33 @@ def test_hand_made_summaries_give_the_expected_table(tmp_path):
     assert '5/8 runs completed' in text and '![stability.png](stability.png)' in text
 
 
+def test_a_noise_grid_reports_both_label_fits_and_a_shared_machine_no_cost(tmp_path):
+    grid = dataclasses.replace(SMALL, label_noise=(0.4,), seeds=(0,), compare_cost=False,
+                               config_labels={'a_cfg': 'A'})
+    workdir = str(tmp_path)
+    for config in ('a_cfg', 'b_cfg'):
+        cell = grids.Cell(config, 'sgd', 0.4, 0)
+        write_run(workdir, cell, 0.7)
+        summary_path = os.path.join(workdir, cell.name, 'summary.json')
+        summary = files.read_json(summary_path)
+        summary.update(final_train_eval_accuracy=0.95, final_train_eval_true_accuracy=0.61)
+        with open(summary_path, 'w') as f:
+            json.dump(summary, f)
+        with open(os.path.join(workdir, cell.name, 'metrics.jsonl'), 'a') as f:
+            f.write(json.dumps({'step': 2, 'epoch': 2.0, 'train_eval_accuracy': 0.95,
+                                'train_eval_true_accuracy': 0.61}) + '\n')
+    runs = aggregate.collect(grid, workdir)
+    text = aggregate.report(grid, runs)
+    noisy, true = (text.split(f'**{m.title}**')[1] for m in aggregate.NOISE_TABLES)
+    assert '| optimizer | A / noise 40% | b_cfg / noise 40% |' in noisy
+    assert '| sgd | 95.0 ± 0.0 | 95.0 ± 0.0 |' in noisy
+    assert '| sgd | 61.0 ± 0.0 | 61.0 ± 0.0 |' in true
+    assert 'wall time' not in text  # cells that shared a machine: no cost table
+    paths = plots.grid_plots(grid, runs, workdir)
+    assert [os.path.basename(p) for p in paths] == [
+        'test_accuracy.png', 'final_accuracy.png', 'memorisation.png']
+
+
 def test_pareto_front_keeps_the_points_nothing_beats():
     # (cost, value): (1, 50) cheapest; (2, 60) better; (3, 55) beaten by (2, 60); (4, 70) best.
     points = [(3.0, 55.0), (1.0, 50.0), (4.0, 70.0), (2.0, 60.0), (2.0, 60.0)]

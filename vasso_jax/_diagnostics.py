@@ -142,7 +142,7 @@ def hessian_top_eigenpair(
         ``lax.while_loop`` (steps after an early stop are computed and discarded; the result
         is the same). Compiles ``num_iters`` Hessian-vector products, but on CPU it avoids
         XLA's slow convolutions inside loop bodies (`jax#12868
-        <https://github.com/jax-ml/jax/issues/12868>`_): about 25x per product for a small
+        <https://github.com/jax-ml/jax/issues/12868>`_): 38x per step for a small
         CNN here (``BENCHMARKS.md``). Leave it off on GPU/TPU.
 
     Returns:

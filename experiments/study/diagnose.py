@@ -87,7 +87,8 @@ def _measure(params, batch_stats, images, labels, *, model, num_classes, rho, sp
     batch = (images, labels)
     full_loss = lambda p: chunked_mean(loss, p, batch, spec.batch_size)
     # Unrolled on a CPU, where XLA runs convolutions inside a loop body many times slower
-    # (jax#12868): 174 s against 7 s of Lanczos for the Fashion-MNIST CNN (BENCHMARKS.md).
+    # (jax#12868): 174 s of Lanczos against 6.6 s for the whole diagnosis of a Fashion-MNIST
+    # cell (BENCHMARKS.md).
     top = vasso_jax.hessian_top_eigenvalue(full_loss, params, num_iters=spec.num_iters,
                                            unroll=jax.default_backend() == 'cpu')
     sharp = vasso_jax.m_sharpness(

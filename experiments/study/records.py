@@ -5,18 +5,22 @@ With ``--results_dir DIR`` (a folder in the repository, e.g.
 ``experiments/study/results/label_noise_fmnist``), each finished cell's small files
 (``summary.json``, ``metrics.jsonl``, ``diagnostics.json``: tens of KB) are copied to
 ``DIR/<cell>/`` as soon as the cell is done, and with ``--git_commit`` committed at once (only
-those files). A later run on a fresh clone restores the records into the workdir before it
+those files; the shards of a grid may commit from one checkout: a commit waits for another's
+index lock). A later run on a fresh clone restores the records into the workdir before it
 starts: finished cells are skipped and aggregation sees them, without their checkpoints.
 """
 
 import os
 import shutil
 import subprocess
+import time
 
 from experiments.runtime import errors, files, metrics
 
 # What a finished cell needs for the tables, curves and diagnostics; no checkpoints.
 RECORD_FILES = (metrics.SUMMARY_FILE, metrics.METRICS_FILE, 'diagnostics.json')
+# How long --git_commit waits for another process's git (e.g. another shard's commit).
+LOCK_WAIT_S = 60.0
 
 
 def _copy(src_dir: str, dst_dir: str) -> list[str]:
@@ -63,11 +67,25 @@ def record(cell_dir: str, results_dir: str, cell_name: str, *, git_commit: bool)
         message = f'results: {os.path.basename(os.path.normpath(results_dir))} {cell_name}'
         for command in (['git', 'add', '--', *paths],
                         ['git', 'commit', '--quiet', '-m', message, '--', *paths]):
-            proc = subprocess.run(command, capture_output=True, text=True)
+            proc = _git(command)
             if proc.returncode:
-                last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['']
+                lines = (proc.stderr or proc.stdout).strip().splitlines() or ['']
+                cause = next((ln for ln in lines if ln.startswith(('fatal:', 'error:'))),
+                             lines[-1])
                 raise errors.ConfigError(
-                    f'--git_commit: `{" ".join(command[:2])}` failed ({last[0]}); the record '
+                    f'--git_commit: `{" ".join(command[:2])}` failed ({cause}); the record '
                     f'is in {results_dir}, commit it by hand or drop --git_commit.'
                 )
     return paths
+
+
+def _git(command: list[str]) -> subprocess.CompletedProcess:
+    """Runs ``command``, retrying while another git process holds the index lock (the shards
+    of a grid committing from one checkout) for up to :data:`LOCK_WAIT_S` seconds."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if (not proc.returncode or 'index.lock' not in proc.stderr
+                or time.monotonic() > deadline):
+            return proc
+        time.sleep(0.2)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -16,7 +17,7 @@ import vasso_jax
 from experiments.image_classification import steps, task
 from experiments.image_classification.data import augment
 from experiments.runtime import errors, files, optimizers
-from experiments.study import aggregate, diagnose, grids, plots, reproduce
+from experiments.study import aggregate, diagnose, grids, plots, records, reproduce
 from tests.experiments import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -534,3 +535,28 @@ def test_records_survive_a_fresh_workdir_and_are_committed(tmp_path):
                        log=lambda _: None, results_dir=results)
     runs = aggregate.collect(grid, fresh)
     assert [r.completed for r in runs] == [True, True]
+
+
+def test_a_commit_waits_for_another_shards_index_lock(tmp_path, monkeypatch):
+    repo = tmp_path / 'repo'
+    repo.mkdir()
+    for args in (['init', '-q'], ['config', 'user.email', 't@example.com'],
+                 ['config', 'user.name', 't']):
+        subprocess.run(['git', '-C', str(repo), *args], check=True)
+    cell_dir = tmp_path / 'cell'
+    write_run(str(tmp_path), grids.Cell('c', 'sgd', 0.0, 0), 0.9)
+    os.rename(tmp_path / grids.Cell('c', 'sgd', 0.0, 0).name, cell_dir)
+    lock = repo / '.git' / 'index.lock'
+    monkeypatch.chdir(repo)
+
+    lock.write_text('')  # another shard's git is at work, and finishes 0.5 s later
+    threading.Timer(0.5, os.remove, [lock]).start()
+    records.record(str(cell_dir), 'results/g', 'c1', git_commit=True)
+    log = subprocess.run(['git', 'log', '--format=%s'], capture_output=True, text=True).stdout
+    assert log.split('\n')[0] == 'results: g c1'
+
+    lock.write_text('')  # a lock nobody releases: a one-line error once the wait is over
+    monkeypatch.setattr(records, 'LOCK_WAIT_S', 0.3)
+    with pytest.raises(errors.ConfigError, match=r'`git add` failed .*index\.lock.*by hand'):
+        records.record(str(cell_dir), 'results/g', 'c2', git_commit=True)
+    assert os.path.exists(repo / 'results' / 'g' / 'c2' / 'summary.json')  # the record is kept

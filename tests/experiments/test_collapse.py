@@ -28,5 +28,5 @@ def test_the_warning_comes_once_after_a_streak():
     assert message == (
         'Training has collapsed to the constant predictor: the train loss has sat at '
         'ln(10) = 2.303 for 3 logs in a row (now 2.3026, accuracy 10.0%, gradient norm 0.07). '
-        'It rarely recovers; a smaller --config.rho (now 0.2) usually avoids it.')
+        'Try a smaller --config.rho (now 0.2).')
     assert watch.update(record(CHANCE)) is None  # said once

@@ -4,17 +4,21 @@ Usage:
   python -m experiments.reproduce --grid digits --workdir runs/digits_grid
   python -m experiments.reproduce --grid paper_cifar --workdir runs/paper --shard 0/4 \
       --set data_dir=/data/tfds          # one of four processes (0/4 .. 3/4)
+  python -m experiments.reproduce --grid label_noise_fmnist --workdir runs/fmnist --claim
+      # in as many processes as there are devices (or cores): each takes the next free cell
   python -m experiments.reproduce --grid label_noise --workdir runs/noise --aggregate_only
   python -m experiments.reproduce --grid digits --list
 
 Grids (``experiments/study/grids.py``): ``paper_cifar``, ``label_noise``,
 ``label_noise_cifar10n``, ``digits``, ``digits_cost``, ``label_noise_fmnist``,
-``label_noise_fmnist_sweep``, ``iwslt_de_en``. Each cell trains in
+``label_noise_fmnist_sweep``, ``label_noise_fmnist_rho60``, ``iwslt_de_en``. Each cell trains in
 ``WORKDIR/<config>-<optimizer>-noise<pct>-seed<seed>`` through its task's
 ``train_and_evaluate`` (``experiments.<config.task>.task``, image classification by
 default). A cell whose ``summary.json`` says ``completed`` is skipped; an interrupted one
 resumes from its last checkpoint. So re-running the same command continues a grid, and
-``--shard i/n`` splits it over processes or machines sharing WORKDIR (cells ``i, i+n, ...``).
+``--shard i/n`` splits it over processes or machines sharing WORKDIR (cells ``i, i+n, ...``);
+``--claim`` instead lets any number of processes sharing WORKDIR take the next unclaimed cell,
+which keeps them busy when cells differ in cost (:mod:`experiments.study.claims`).
 After training, each finished cell of a grid with diagnostics gets ``diagnostics.json`` (top
 Hessian eigenvalue, m-sharpness), and the grid's tables and plots are written to
 ``WORKDIR/results.md`` and ``WORKDIR/*.png``, with the published numbers of
@@ -28,6 +32,7 @@ ends), so ``--aggregate_only --results_dir DIR`` on a fresh clone regenerates th
 the README quotes from the records alone.
 """
 
+import contextlib
 import importlib
 import os
 import time
@@ -37,12 +42,15 @@ import jax
 from absl import app, flags, logging
 
 from experiments.runtime import cli, errors, files
-from experiments.study import aggregate, diagnose, grids, plots, records
+from experiments.study import aggregate, claims, diagnose, grids, plots, records
 
 _GRID = flags.DEFINE_enum('grid', None, list(grids.GRIDS), 'The grid to run.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder: one subfolder per cell.',
                                 allow_override=True)  # demo.py defines it too
 _SHARD = flags.DEFINE_string('shard', '0/1', 'Run only cells i, i+n, ... of the grid (i/n).')
+_CLAIM = flags.DEFINE_bool(
+    'claim', False, 'Share the cells with the other --claim processes of WORKDIR: each trains '
+    'the next cell no other has claimed, so they balance themselves when cells differ in cost.')
 _SET = flags.DEFINE_multi_string(
     'set',
     [],
@@ -129,12 +137,14 @@ def run_grid(
     shard: tuple[int, int] = (0, 1),
     log: Callable = print,
     results_dir: str = '',
+    claim: bool = False,
     **options,
 ) -> list[grids.Cell]:
     """Runs this process's shard of ``grid`` in order; returns its cells.
 
-    ``log``, ``results_dir`` and ``options`` (``overrides``, ``train_fn``, ``diagnostics``,
-    ``git_commit``) are :func:`run_cell`'s, for every cell.
+    With ``claim``, a cell claimed by another process sharing ``workdir`` is left to it
+    (:mod:`.claims`). ``log``, ``results_dir`` and ``options`` (``overrides``, ``train_fn``,
+    ``diagnostics``, ``git_commit``) are :func:`run_cell`'s, for every cell.
     """
     os.makedirs(workdir, exist_ok=True)
     todo = grids.shard(grids.cells(grid), *shard)
@@ -143,17 +153,25 @@ def run_grid(
         if restored:
             log(f'Restored {len(restored)} finished cells from {results_dir}.')
     for i, cell in enumerate(todo):
-        log(f'[{i + 1}/{len(todo)}] {cell.name}')
-        run_cell(grid, cell, workdir, log=log, results_dir=results_dir, **options)
+        with claims.claim(workdir, cell.name) if claim else contextlib.nullcontext() as owner:
+            if owner is not None:
+                log(f'[{i + 1}/{len(todo)}] {claims.describe(workdir, cell.name, owner)}')
+                continue
+            log(f'[{i + 1}/{len(todo)}] {cell.name}')
+            run_cell(grid, cell, workdir, log=log, results_dir=results_dir, **options)
     return todo
 
 
 def list_cells(grid: grids.Grid, workdir: str | None, shard: tuple[int, int]) -> str:
     lines = [f'{grid.name}: {grid.description}']
+    held = claims.held(workdir) if workdir else {}
     for cell in grids.shard(grids.cells(grid), *shard):
         state = ''
-        if workdir:
-            state = ' (finished)' if is_finished(os.path.join(workdir, cell.name)) else ''
+        if workdir and is_finished(os.path.join(workdir, cell.name)):
+            state = ' (finished)'
+        elif cell.name in held:
+            owner = held[cell.name]
+            state = f' (claimed by pid {owner.get("pid", "?")} on {owner.get("host", "?")})'
         lines.append(f'  {cell.name}{state}')
     return '\n'.join(lines)
 
@@ -190,6 +208,7 @@ def main(argv: Sequence[str]):
                 grid,
                 _WORKDIR.value,
                 shard=shard,
+                claim=_CLAIM.value,
                 overrides=overrides,
                 diagnostics=_DIAGNOSTICS.value,
                 results_dir=_RESULTS_DIR.value,

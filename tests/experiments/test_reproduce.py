@@ -4,6 +4,7 @@ import dataclasses
 import importlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import vasso_jax
 from experiments.image_classification import steps, task
 from experiments.image_classification.data import augment
 from experiments.runtime import errors, files, optimizers
-from experiments.study import aggregate, diagnose, grids, plots, records, reproduce
+from experiments.study import aggregate, claims, diagnose, grids, plots, records, reproduce
 from tests.experiments import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -560,3 +561,84 @@ def test_a_commit_waits_for_another_shards_index_lock(tmp_path, monkeypatch):
     with pytest.raises(errors.ConfigError, match=r'`git add` failed .*index\.lock.*by hand'):
         records.record(str(cell_dir), 'results/g', 'c2', git_commit=True)
     assert os.path.exists(repo / 'results' / 'g' / 'c2' / 'summary.json')  # the record is kept
+
+
+# --------------------------------------------------------------------------- --claim
+
+
+def claim_grid():
+    return grids.Grid('t', 't', configs=('digits_resnet',), optimizers=('sgd', 'sam', 'vasso'),
+                      seeds=(0, 1), diagnostics=None)
+
+
+def fake_train(trained):
+    def train(config, cell_dir):
+        trained.append(os.path.basename(cell_dir))
+        write_run(os.path.dirname(cell_dir), grids.Cell('digits_resnet', config.optimizer,
+                                                        0.0, config.seed), 0.9)
+        return {'final_test_accuracy': 0.9}
+    return train
+
+
+def hold(workdir, name, owner):
+    """A claim of ``name`` made by ``owner`` (another process, as far as the code can tell)."""
+    path = os.path.join(workdir, claims.CLAIMS_DIR, name)
+    os.makedirs(path)
+    files.write_json(os.path.join(path, claims.OWNER_FILE), owner)
+
+
+def dead_pid():
+    child = subprocess.Popen([sys.executable, '-c', 'pass'])
+    child.wait()
+    return child.pid
+
+
+def test_claimed_cells_are_left_to_live_owners_and_stale_claims_taken_over(tmp_path):
+    workdir, names = str(tmp_path), [c.name for c in grids.cells(claim_grid())]
+    here = socket.gethostname()
+    hold(workdir, names[1], {'host': here, 'pid': os.getppid()})  # alive: left alone
+    hold(workdir, names[2], {'host': 'elsewhere', 'pid': 1})  # cannot be checked: left alone
+    hold(workdir, names[3], {'host': here, 'pid': dead_pid()})  # gone: taken over
+    os.makedirs(os.path.join(workdir, claims.CLAIMS_DIR, names[4]))  # owner still writing
+    trained, logs = [], []
+    reproduce.run_grid(claim_grid(), workdir, train_fn=fake_train(trained), claim=True,
+                       diagnostics=False, log=logs.append)
+    assert trained == [names[0], names[3], names[5]]
+    assert set(claims.held(workdir)) == {names[1], names[2], names[4]}  # ours are released
+    skipped = [line for line in logs if 'claimed by' in line]
+    assert len(skipped) == 3
+    assert f'pid {os.getppid()} on {here}' in skipped[0]
+    assert os.path.join(workdir, claims.CLAIMS_DIR, names[2]) in skipped[1]
+    assert 'a process starting it' in skipped[2]
+    listing = reproduce.list_cells(claim_grid(), workdir, (0, 1))
+    assert f'{names[0]} (finished)' in listing and 'on elsewhere)' in listing
+
+
+def test_claiming_processes_train_every_cell_once(tmp_path):
+    workdir, names = str(tmp_path), [c.name for c in grids.cells(claim_grid())]
+    trained, barrier = [], threading.Barrier(3)
+
+    def worker():
+        barrier.wait()  # all three start together and race for every cell
+        reproduce.run_grid(claim_grid(), workdir, train_fn=fake_train(trained), claim=True,
+                           diagnostics=False, log=lambda _: None)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(trained) == sorted(names)
+    assert claims.held(workdir) == {}
+
+
+def test_a_claim_is_released_when_its_cell_fails(tmp_path):
+    workdir = str(tmp_path)
+
+    def preempted(config, cell_dir):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.run_grid(claim_grid(), workdir, train_fn=preempted, claim=True,
+                           diagnostics=False, log=lambda _: None)
+    assert claims.held(workdir) == {}  # the next run may take the cell again

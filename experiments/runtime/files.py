@@ -4,26 +4,35 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to a temporary file next to ``path``, then renames it onto ``path``.
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary path next to ``path``; renames it onto ``path`` when the block ends.
 
-    A crash leaves the old file or the new one, never a part; the temporary file has a unique
-    name, so two writers never share it.
+    Whatever the block writes there (a copy, a figure) appears at ``path`` whole or not at
+    all: a crash or an exception leaves the old file, and the temporary one is removed. Its
+    name is unique, so two processes writing the same ``path`` never share it.
     """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    os.close(fd)
     try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through :func:`atomic_path`, synced to disk first."""
+    with atomic_path(path) as tmp, open(tmp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(path: str, value) -> str:

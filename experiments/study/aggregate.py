@@ -322,10 +322,10 @@ def write_report(
     plots = plot_fn(grid, runs, workdir) if plot_fn else ()
     text = report(grid, runs, load_paper_results(), plots)
     path = os.path.join(workdir, REPORT_FILE)
-    with open(path, 'w') as f:
-        f.write(text)
+    files.write_atomic(path, text)  # the processes of a grid may end together
     if results_dir:
         os.makedirs(results_dir, exist_ok=True)
         for src in (path, *plots):
-            shutil.copyfile(src, os.path.join(results_dir, os.path.basename(src)))
+            with files.atomic_path(os.path.join(results_dir, os.path.basename(src))) as tmp:
+                shutil.copyfile(src, tmp)
     return path, text

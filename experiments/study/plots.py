@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from experiments.runtime import metrics
+from experiments.runtime import files, metrics
 from experiments.study import aggregate, grids
 
 COLORS = {'sgd': 'tab:gray', 'sam': 'tab:blue', 'vasso': 'tab:red', 'asam': 'tab:green',
@@ -27,6 +27,12 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: str) -> None:
+    """Saves ``fig`` as the PNG ``path``, atomically: the processes of a grid may end together."""
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format='png')
 
 
 def mean_curve(histories: Sequence[list[dict]], key: str):
@@ -111,7 +117,7 @@ def curves(
     fig.suptitle(title)
     fig.tight_layout()
     if drawn:
-        fig.savefig(path, dpi=90)
+        _save(fig, path)
     plt.close(fig)
     return path if drawn else None
 
@@ -156,7 +162,7 @@ def bars(
     ax.grid(axis='y', alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -205,7 +211,7 @@ def pareto(
     axes[0][-1].legend(fontsize='small')
     fig.suptitle(f'{grid.name}: accuracy against wall time (mean ± std over seeds)')
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
     return path
 

@@ -29,8 +29,8 @@ def _copy(src_dir: str, dst_dir: str) -> list[str]:
         src = os.path.join(src_dir, name)
         if os.path.exists(src):
             os.makedirs(dst_dir, exist_ok=True)
-            shutil.copyfile(src, os.path.join(dst_dir, name) + '.tmp')
-            os.replace(os.path.join(dst_dir, name) + '.tmp', os.path.join(dst_dir, name))
+            with files.atomic_path(os.path.join(dst_dir, name)) as tmp:  # processes may race
+                shutil.copyfile(src, tmp)
             copied.append(os.path.join(dst_dir, name))
     return copied
 

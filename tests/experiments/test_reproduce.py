@@ -642,3 +642,44 @@ def test_a_claim_is_released_when_its_cell_fails(tmp_path):
         reproduce.run_grid(claim_grid(), workdir, train_fn=preempted, claim=True,
                            diagnostics=False, log=lambda _: None)
     assert claims.held(workdir) == {}  # the next run may take the cell again
+
+
+def test_files_written_by_racing_processes_are_whole(tmp_path):
+    """Restores, records and reports of processes sharing a workdir replace files atomically."""
+    path = str(tmp_path / 'results.md')
+    files.write_atomic(path, 'old\n')
+    with pytest.raises(RuntimeError):
+        with files.atomic_path(path) as tmp:
+            open(tmp, 'w').write('half')
+            raise RuntimeError('killed while writing')
+    assert open(path).read() == 'old\n' and os.listdir(tmp_path) == ['results.md']
+
+    with files.atomic_path(path) as first, files.atomic_path(path) as second:
+        assert first != second  # two writers never share a temporary file
+        open(first, 'w').write('first\n')
+        open(second, 'w').write('second\n')
+    assert open(path).read() == 'first\n' and os.listdir(tmp_path) == ['results.md']
+
+    names = [c.name for c in grids.cells(claim_grid())]
+    reproduce.run_grid(claim_grid(), str(tmp_path / 'done'), train_fn=fake_train([]),
+                       diagnostics=False, log=lambda _: None, results_dir=str(tmp_path / 'rec'))
+    failures, rounds, start = [], 20, threading.Barrier(4)
+
+    def restore():  # 4 processes restoring the same records into one fresh workdir, 20 times
+        for r in range(rounds):
+            start.wait()
+            try:
+                records.restore(str(tmp_path / 'rec'), str(tmp_path / f'work{r}'), names)
+            except OSError as e:
+                failures.append(e)
+
+    threads = [threading.Thread(target=restore) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    for r in range(rounds):
+        workdir = str(tmp_path / f'work{r}')
+        assert all(reproduce.is_finished(os.path.join(workdir, n)) for n in names)
+        assert not [f for _, _, fs in os.walk(workdir) for f in fs if f.endswith('.tmp')]

@@ -154,8 +154,11 @@ def run_grid(
             log(f'Restored {len(restored)} finished cells from {results_dir}.')
     for i, cell in enumerate(todo):
         with claims.claim(workdir, cell.name) if claim else contextlib.nullcontext() as owner:
-            if owner is not None:
-                log(f'[{i + 1}/{len(todo)}] {claims.describe(workdir, cell.name, owner)}')
+            if owner is not None:  # another process trains it, or checks that it is finished
+                done = (f'{cell.name}: skipped (finished)'
+                        if is_finished(os.path.join(workdir, cell.name))
+                        else claims.describe(workdir, cell.name, owner))
+                log(f'[{i + 1}/{len(todo)}] {done}')
                 continue
             log(f'[{i + 1}/{len(todo)}] {cell.name}')
             run_cell(grid, cell, workdir, log=log, results_dir=results_dir, **options)

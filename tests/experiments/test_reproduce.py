@@ -600,11 +600,14 @@ def test_claimed_cells_are_left_to_live_owners_and_stale_claims_taken_over(tmp_p
     hold(workdir, names[2], {'host': 'elsewhere', 'pid': 1})  # cannot be checked: left alone
     hold(workdir, names[3], {'host': here, 'pid': dead_pid()})  # gone: taken over
     os.makedirs(os.path.join(workdir, claims.CLAIMS_DIR, names[4]))  # owner still writing
+    write_run(workdir, grids.cells(claim_grid())[5], 0.9)  # finished; its claim
+    hold(workdir, names[5], {'host': here, 'pid': os.getppid()})  # only checks that it is
     trained, logs = [], []
     reproduce.run_grid(claim_grid(), workdir, train_fn=fake_train(trained), claim=True,
                        diagnostics=False, log=logs.append)
-    assert trained == [names[0], names[3], names[5]]
-    assert set(claims.held(workdir)) == {names[1], names[2], names[4]}  # ours are released
+    assert trained == [names[0], names[3]]
+    assert set(claims.held(workdir)) == {names[1], names[2], names[4], names[5]}  # ours: gone
+    assert logs[-1] == f'[6/6] {names[5]}: skipped (finished)'
     skipped = [line for line in logs if 'claimed by' in line]
     assert len(skipped) == 3
     assert f'pid {os.getppid()} on {here}' in skipped[0]

@@ -41,7 +41,7 @@ def _is_stale(owner: dict) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:  # it exists, owned by another user
-        return False
+        pass
     return False
 
 
@@ -67,11 +67,17 @@ def _take(path: str) -> dict | None:
     return _owner(path)
 
 
+def who(owner: dict) -> str:
+    """``owner`` in words: ``pid 123 on host``, or a process yet to write it."""
+    if not owner:
+        return 'a process starting it'
+    return f'pid {owner.get("pid", "?")} on {owner.get("host", "?")}'
+
+
 def describe(workdir: str, name: str, owner: dict) -> str:
     """One line on a cell claimed by ``owner``, naming the folder to remove if it is stale."""
-    who = f'pid {owner["pid"]} on {owner["host"]}' if owner else 'a process starting it'
     path = os.path.join(workdir, CLAIMS_DIR, name)
-    return f'{name}: claimed by {who}, skipped (if that process is gone, remove {path})'
+    return f'{name}: claimed by {who(owner)}, skipped (if that process is gone, remove {path})'
 
 
 @contextlib.contextmanager

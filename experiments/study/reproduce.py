@@ -173,8 +173,7 @@ def list_cells(grid: grids.Grid, workdir: str | None, shard: tuple[int, int]) ->
         if workdir and is_finished(os.path.join(workdir, cell.name)):
             state = ' (finished)'
         elif cell.name in held:
-            owner = held[cell.name]
-            state = f' (claimed by pid {owner.get("pid", "?")} on {owner.get("host", "?")})'
+            state = f' (claimed by {claims.who(held[cell.name])})'
         lines.append(f'  {cell.name}{state}')
     return '\n'.join(lines)
 

@@ -103,7 +103,10 @@ def vasso(
       \epsilon_t = \rho\, \frac{d_t}{\lVert d_t \rVert},\qquad
       \tilde g_t = \nabla L_{\mathcal B_t}(w_t + \epsilon_t).
 
-    ``theta = 1`` is SAM exactly. With ``every_k > 1`` the average still
+    ``theta = 1`` is SAM exactly: the same arithmetic, bit for bit in a small
+    jitted step. Inside a large compiled train step XLA may fuse the two programs
+    differently, so long runs of the two agree only up to float rounding, like
+    any rerun with other rounding. With ``every_k > 1`` the average still
     updates on every step.
 
     Args:

@@ -136,10 +136,13 @@ def group_values(runs: Sequence[Run], metric: str) -> dict[tuple, list[float]]:
 def format_entry(
     values: Sequence[float], num_seeds: int, scale: float = 1.0, fmt: str = '.3g'
 ) -> str:
-    """``'mean ± std'`` (scaled), with ``(n=k)`` when fewer than ``num_seeds`` runs count."""
+    """``'mean ± std'`` (scaled), with ``(n=k)`` when fewer than ``num_seeds`` runs count;
+    the value alone in a one-seed grid, which has no spread to report."""
     if not values:
         return '—'
     mean, std = mean_std([scale * v for v in values])
+    if num_seeds == 1:
+        return f'{mean:{fmt}}'
     text = f'{mean:{fmt}} ± {std:{fmt}}'
     return text if len(values) >= num_seeds else f'{text} (n={len(values)})'
 
@@ -284,7 +287,9 @@ def report(
         '',
         grid.description,
         '',
-        f'{done}/{len(runs)} runs completed; mean ± std over seeds {list(grid.seeds)}.',
+        f'{done}/{len(runs)} runs completed; ' + (
+            f'mean ± std over seeds {list(grid.seeds)}.' if len(grid.seeds) > 1
+            else f'one seed ({grid.seeds[0]}): single runs, no spread.'),
     ]
     metric_lists: list[Sequence[Metric]] = [ACCURACY_TABLES, BLEU_TABLES]  # empty ones drop
     if any(grid.label_noise) or 'dataset' in grid.overrides:

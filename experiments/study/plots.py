@@ -59,6 +59,21 @@ def _panels(grid: grids.Grid):
     return grids.columns(grid)
 
 
+def _spread(grid: grids.Grid) -> str:
+    """What a plot's bands and error bars show: there are none for a one-seed grid."""
+    if len(grid.seeds) == 1:
+        return f'one seed ({grid.seeds[0]}), no spread'
+    return f'mean ± std over {len(grid.seeds)} seeds'
+
+
+def _legend(ax, n_panels: int, n_entries: int) -> None:
+    """A legend inside the axes, or beside a lone panel when it would hide the curves."""
+    if n_panels == 1 and n_entries > 4:
+        ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=8)
+
+
 def _histories(runs, config, noise, optimizer):
     return [
         metrics.read_history(r.workdir)
@@ -82,7 +97,8 @@ def curves(
     fig, axes = plt.subplots(
         len(keys),
         len(panels),
-        figsize=(4 * len(panels), 3.2 * len(keys)),
+        # a lone panel gets room for its title and a legend beside it
+        figsize=(max(4 * len(panels), 7.5), 3.2 * len(keys)),
         squeeze=False,
         sharex='col',
     )
@@ -113,7 +129,7 @@ def curves(
                 ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             if ax.lines:
-                ax.legend(fontsize=8)
+                _legend(ax, len(panels), len(ax.lines))
     fig.suptitle(title)
     fig.tight_layout()
     if drawn:
@@ -125,14 +141,15 @@ def curves(
 def bars(
     grid: grids.Grid, runs: Sequence[aggregate.Run], path: str, metric: str = 'final_test_accuracy'
 ) -> str | None:
-    """Grouped bars of ``metric`` (percent), mean ± std over seeds; None if no data."""
+    """Grouped bars of ``metric`` (percent), mean ± std over seeds (no error bar for one
+    seed); None if no data."""
     groups = aggregate.group_values(runs, metric)
     if not groups:
         return None
     plt = _pyplot()
     panels = _panels(grid)
     width = 0.8 / len(grid.optimizers)
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(panels) + 2), 3.8))
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.6 * len(panels) + 2), 3.8))
     x = np.arange(len(panels))
     lows = []
     for i, optimizer in enumerate(grid.optimizers):
@@ -149,7 +166,7 @@ def bars(
             x + (i - (len(grid.optimizers) - 1) / 2) * width,
             mean,
             width,
-            yerr=std,
+            yerr=std if len(grid.seeds) > 1 else None,
             capsize=3,
             label=optimizer,
             color=COLORS.get(optimizer),
@@ -158,9 +175,9 @@ def bars(
     ax.set_ylim(max(0.0, low - 5), 100)
     ax.set_xticks(x, [aggregate.column_label(grid, c, n) for c, n in panels])
     ax.set_ylabel('final test accuracy (%)')
-    ax.set_title(f'{grid.name}: mean ± std over {len(grid.seeds)} seeds')
+    ax.set_title(f'{grid.name}: {_spread(grid)}')
     ax.grid(axis='y', alpha=0.3)
-    ax.legend()
+    _legend(ax, len(panels), len(grid.optimizers))
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -224,7 +241,7 @@ def grid_plots(grid: grids.Grid, runs: Sequence[aggregate.Run], workdir: str) ->
             runs,
             os.path.join(workdir, 'test_accuracy.png'),
             keys=[('test_accuracy', 'test accuracy (%)', 100.0, False)],
-            title=f'{grid.name}: test accuracy (mean ± std over seeds)',
+            title=f'{grid.name}: test accuracy ({_spread(grid)})',
         ),
         bars(grid, runs, os.path.join(workdir, 'final_accuracy.png')),
         pareto(grid, runs, os.path.join(workdir, 'accuracy_vs_wall_time.png'))

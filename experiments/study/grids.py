@@ -27,7 +27,7 @@ A cell trains the task its config names (``config.task``, default image classifi
     BatchNorm CNN, symmetric noise 0/40/60% and asymmetric 40%, SGD/SAM/VaSSO/ASAM, 3 seeds
     (hours on two CPU cores); ``label_noise_fmnist_sweep``: its theta and rho
     sensitivity at 40% noise, one seed; ``label_noise_fmnist_rho60``: SAM, VaSSO and ASAM
-    at smaller rho at 60% noise, where the recipe's collapses them.
+    at smaller rho at 60% noise, where the recipe's collapses them, 3 seeds.
 
 ``digits`` takes about 30 minutes on two CPU cores; the CIFAR grids are for GPUs (54, 36 and 9
 runs of 200 epochs) and are meant to be split with ``--shard``.
@@ -234,11 +234,10 @@ GRIDS: dict[str, Grid] = {
         ),
         Grid(
             name='label_noise_fmnist_rho60',
-            description='Fashion-MNIST at 60% symmetric noise, seed 0: SAM, VaSSO and ASAM '
+            description='Fashion-MNIST at 60% symmetric noise, 3 seeds: SAM, VaSSO and ASAM '
             'at 0.5x and 0.25x the recipe\'s rho, which collapses them there.',
             configs=('fashion_mnist_noise',),
             optimizers=tuple(_FMNIST_RHO_60),
-            seeds=(0,),
             label_noise=(0.6,),
             overrides=_LOG_STABILITY,
             optimizer_overrides=_FMNIST_RHO_60,

@@ -291,6 +291,31 @@ def test_a_noise_grid_reports_both_label_fits_and_a_shared_machine_no_cost(tmp_p
         'test_accuracy.png', 'final_accuracy.png', 'memorisation.png']
 
 
+def test_a_one_seed_sweep_plot_claims_no_spread_and_keeps_its_legend_off_the_curves(
+        tmp_path, monkeypatch):
+    names = tuple(f'vasso_theta{t}' for t in (0.1, 0.4, 0.9, 1.0)) + ('sam_rho2x',)
+    grid = dataclasses.replace(SMALL, configs=('a_cfg',), optimizers=names, seeds=(0,))
+    workdir = str(tmp_path)
+    for i, name in enumerate(names):
+        write_run(workdir, grids.Cell('a_cfg', name, 0.0, 0), 0.8 + 0.01 * i)
+    drawn = {}
+
+    def keep(fig, path):  # what each figure says, before grid_plots closes it
+        legend = fig.axes[0].get_legend()
+        drawn[os.path.basename(path)] = (
+            fig.get_suptitle() or fig.axes[0].get_title(),
+            legend.get_bbox_to_anchor().transformed(fig.axes[0].transAxes.inverted()).x0)
+
+    monkeypatch.setattr(plots, '_save', keep)
+    plots.grid_plots(grid, aggregate.collect(grid, workdir), workdir)
+    title, legend_x = drawn['test_accuracy.png']
+    assert 'one seed (0), no spread' in title and '±' not in title
+    assert legend_x > 1.0  # five curves in one panel: the legend sits to its right
+    title, legend_x = drawn['final_accuracy.png']
+    assert title == 'small: one seed (0), no spread' and legend_x > 1.0
+    assert plots._spread(SMALL) == 'mean ± std over 2 seeds'
+
+
 def test_pareto_front_keeps_the_points_nothing_beats():
     # (cost, value): (1, 50) cheapest; (2, 60) better; (3, 55) beaten by (2, 60); (4, 70) best.
     points = [(3.0, 55.0), (1.0, 50.0), (4.0, 70.0), (2.0, 60.0), (2.0, 60.0)]

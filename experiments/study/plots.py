@@ -18,6 +18,8 @@ from experiments.study import aggregate, grids
 COLORS = {'sgd': 'tab:gray', 'sam': 'tab:blue', 'vasso': 'tab:red', 'asam': 'tab:green',
           'vasso_k5': 'tab:orange', 'one_pass_vasso': 'tab:purple',
           'one_pass_momentum_sam': 'tab:brown'}
+_PALETTE = ('tab:blue', 'tab:orange', 'tab:green', 'tab:red', 'tab:purple', 'tab:brown',
+            'tab:pink', 'tab:gray', 'tab:olive', 'tab:cyan')
 
 
 def _pyplot():
@@ -74,6 +76,18 @@ def _legend(ax, n_panels: int, n_entries: int) -> None:
         ax.legend(fontsize=8)
 
 
+def _colors(grid: grids.Grid) -> dict[str, str]:
+    """One colour per optimizer, the same in every panel and plot of the grid.
+
+    The known optimizers keep theirs (``COLORS``); variants (``sam_rho0.5x``) take the
+    palette's unused colours in the grid's order, so a curve and its band always agree.
+    """
+    fixed = {o: COLORS[o] for o in grid.optimizers if o in COLORS}
+    free = [c for c in _PALETTE if c not in fixed.values()]
+    variants = [o for o in grid.optimizers if o not in fixed]
+    return {**fixed, **{o: free[i % len(free)] for i, o in enumerate(variants)}}
+
+
 def _histories(runs, config, noise, optimizer):
     return [
         metrics.read_history(r.workdir)
@@ -103,6 +117,7 @@ def curves(
         sharex='col',
     )
     drawn = False
+    colors = _colors(grid)
     for col, (config, noise) in enumerate(panels):
         histories = {o: _histories(runs, config, noise, o) for o in grid.optimizers}
         for row, (key, ylabel, scale, log) in enumerate(keys):
@@ -112,7 +127,7 @@ def curves(
                 if curve is None:
                     continue
                 epochs, mean, std = curve
-                color = COLORS.get(optimizer)
+                color = colors[optimizer]
                 n = sum(any(r.get(key) is not None for r in h) for h in hs)
                 ax.plot(epochs, scale * mean, label=f'{optimizer} (n={n})', color=color)
                 ax.fill_between(
@@ -169,7 +184,7 @@ def bars(
             yerr=std if len(grid.seeds) > 1 else None,
             capsize=3,
             label=optimizer,
-            color=COLORS.get(optimizer),
+            color=_colors(grid)[optimizer],
         )
     low = np.nanmin(lows)
     ax.set_ylim(max(0.0, low - 5), 100)
@@ -215,7 +230,7 @@ def pareto(
                 continue
             (x, dx), (y, dy) = aggregate.mean_std(wall[key]), aggregate.mean_std(accuracy[key])
             ax.errorbar(x, 100 * y, xerr=dx, yerr=100 * dy, fmt='o', capsize=3,
-                        color=COLORS.get(optimizer), label=optimizer)
+                        color=_colors(grid)[optimizer], label=optimizer)
             points.append((x, 100 * y))
             names.append(optimizer)
         front = pareto_front(points)

@@ -316,6 +316,34 @@ def test_a_one_seed_sweep_plot_claims_no_spread_and_keeps_its_legend_off_the_cur
     assert plots._spread(SMALL) == 'mean ± std over 2 seeds'
 
 
+def test_each_curve_and_its_band_share_one_colour_and_variants_get_distinct_ones(
+        tmp_path, monkeypatch):
+    from matplotlib import colors as mcolors
+
+    names = ('sgd', 'sam_rho0.5x', 'vasso_rho0.5x', 'asam_rho0.5x')
+    grid = dataclasses.replace(SMALL, configs=('a_cfg',), optimizers=names)
+    workdir = str(tmp_path)
+    for i, name in enumerate(names):
+        for seed in grid.seeds:
+            write_run(workdir, grids.Cell('a_cfg', name, 0.0, seed), 0.8 + 0.01 * i)
+    drawn = {}
+
+    def keep(fig, path):
+        ax = fig.axes[0]
+        if os.path.basename(path) == 'test_accuracy.png':
+            drawn['curves'] = (
+                [mcolors.to_hex(line.get_color()) for line in ax.lines],
+                [mcolors.to_hex(band.get_facecolor()[0], keep_alpha=False)
+                 for band in ax.collections])
+
+    monkeypatch.setattr(plots, '_save', keep)
+    plots.grid_plots(grid, aggregate.collect(grid, workdir), workdir)
+    lines, bands = drawn['curves']
+    assert lines == bands and len(set(lines)) == len(names)
+    assert lines[0] == mcolors.to_hex(plots.COLORS['sgd'])  # a known name keeps its colour
+    assert mcolors.to_hex(plots.COLORS['sgd']) not in lines[1:]
+
+
 def test_pareto_front_keeps_the_points_nothing_beats():
     # (cost, value): (1, 50) cheapest; (2, 60) better; (3, 55) beaten by (2, 60); (4, 70) best.
     points = [(3.0, 55.0), (1.0, 50.0), (4.0, 70.0), (2.0, 60.0), (2.0, 60.0)]

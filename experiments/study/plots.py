@@ -167,6 +167,7 @@ def bars(
     fig, ax = plt.subplots(figsize=(max(7.5, 1.6 * len(panels) + 2), 3.8))
     x = np.arange(len(panels))
     lows = []
+    colors = _colors(grid)
     for i, optimizer in enumerate(grid.optimizers):
         stats = [
             aggregate.mean_std(groups[(c, n, optimizer)])
@@ -184,7 +185,7 @@ def bars(
             yerr=std if len(grid.seeds) > 1 else None,
             capsize=3,
             label=optimizer,
-            color=_colors(grid)[optimizer],
+            color=colors[optimizer],
         )
     low = np.nanmin(lows)
     ax.set_ylim(max(0.0, low - 5), 100)
@@ -222,6 +223,7 @@ def pareto(
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    colors = _colors(grid)
     for ax, (config, noise) in zip(axes[0], panels):
         points, names = [], []
         for optimizer in grid.optimizers:
@@ -230,7 +232,7 @@ def pareto(
                 continue
             (x, dx), (y, dy) = aggregate.mean_std(wall[key]), aggregate.mean_std(accuracy[key])
             ax.errorbar(x, 100 * y, xerr=dx, yerr=100 * dy, fmt='o', capsize=3,
-                        color=_colors(grid)[optimizer], label=optimizer)
+                        color=colors[optimizer], label=optimizer)
             points.append((x, 100 * y))
             names.append(optimizer)
         front = pareto_front(points)
